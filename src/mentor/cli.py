@@ -1,0 +1,132 @@
+"""The ``mentor`` command line: train, eval, list, data, demo."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import logging
+import sys
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .engine import train
+
+    cfg = load_config(args.recipe, args.overrides)
+    summary = train(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .engine.run import evaluate_run
+
+    result = evaluate_run(args.path, device=args.device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "methods":
+        from .methods import METHODS
+
+        names = METHODS.names(args.pattern)
+    elif args.what == "models":
+        from .models import list_models
+
+        names = list_models(args.pattern)
+    elif args.what == "datasets":
+        from .data import list_datasets
+
+        names = [n for n in list_datasets() if fnmatch.fnmatch(n, args.pattern)]
+    else:
+        from .data.augment import AUGMENTS
+
+        names = AUGMENTS.names(args.pattern)
+    print("\n".join(names))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import dataset_info, fetch
+
+    if args.action == "info":
+        print(dataset_info(args.name))
+    else:
+        where = fetch(args.name, to=args.to)
+        print(f"{args.name}: files verified and stored in {where}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(device=args.device, out=args.out, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mentor", description="Teacher-student learning on one engine.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a recipe: mentor train RECIPE [key.sub=value ...]")
+    t.add_argument("recipe", help="a recipe YAML file, e.g. recipes/supervised/fmnist_resnet20.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=100 optim.lr=0.1")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run directory or checkpoint on validation and test data")
+    e.add_argument("path", help="a run directory (uses best.pt, else last.pt) or a checkpoint file")
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_eval)
+
+    ls = sub.add_parser("list", help="list registered methods, models, datasets or augmentations")
+    ls.add_argument("what", choices=["methods", "models", "datasets", "augments"])
+    ls.add_argument("pattern", nargs="?", default="*", help="a glob, e.g. 'resnet*'")
+    ls.set_defaults(func=cmd_list)
+
+    d = sub.add_parser("data", help="find or download datasets")
+    dsub = d.add_subparsers(dest="action", required=True)
+    info = dsub.add_parser("info", help="where a dataset was found (or where it was looked for)")
+    info.add_argument("name")
+    fetch = dsub.add_parser("fetch", help="download the official files, verified by SHA-256")
+    fetch.add_argument("name")
+    fetch.add_argument("--to", default=None, help="target folder (default ~/.cache/mentor/NAME)")
+    d.set_defaults(func=cmd_data)
+
+    demo = sub.add_parser("demo", help="the main job: teacher and student on Fashion-MNIST, one table")
+    demo.add_argument("--device", default="auto")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--quick", action="store_true", help="a few steps per row (a smoke test)")
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data import DataError
+    from .engine import CheckpointError, CheckpointMismatchError, NonFiniteLossError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"mentor: recipe error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, CheckpointMismatchError, NonFiniteLossError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"mentor: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mentor: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

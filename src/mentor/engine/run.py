@@ -1,0 +1,64 @@
+"""Working with finished run directories: rebuild the method from ``config.yaml`` and evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import ConfigError, load_config
+from . import checkpoint as ckpt
+from .evaluate import accuracy
+from .inputs import TrainInputs, load_splits, stat_tensors
+from .trainer import autocast_for, build_method, resolve_device
+
+
+def _locate(path: str | Path) -> tuple[Path, Path]:
+    """(run directory, checkpoint file) from either of them."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                return p, p / name
+        raise ckpt.CheckpointError(f"{p} holds no best.pt or last.pt: is it a run directory of `mentor train`?")
+    if p.is_file():
+        return p.parent, p
+    raise ckpt.CheckpointError(f"{p} is neither a run directory nor a checkpoint file")
+
+
+def load_run(path: str | Path, device: str = "auto"):
+    """(config, method with the checkpoint's weights, splits) of a run directory or checkpoint."""
+    run_dir, file = _locate(path)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir / 'config.yaml'} not found: the checkpoint needs its run's config.yaml")
+    cfg = load_config(run_dir / "config.yaml")
+    dev = resolve_device(device)
+    splits = load_splits(cfg.data)
+    method = build_method(cfg, splits, dev, steps_per_epoch=1)
+    method.to(dev)
+    # Connectors are sized by a dry run, so the method must see a batch before its weights load.
+    inputs = TrainInputs(splits, cfg.data, type(method).views, cfg.trainer.seed, 0, 1, dev)
+    method.setup(inputs(0))
+    method.to(dev)
+    state = ckpt.load(file, map_location=dev)
+    if "method" in state:
+        method.load_state_dict(state["method"])
+    elif "model" in state:
+        method.deployable().load_state_dict(state["model"])
+    else:
+        raise ckpt.CheckpointError(f"{file} holds neither 'method' nor 'model' weights")
+    method.eval()
+    return cfg, method, splits, file, state.get("step")
+
+
+def evaluate_run(path: str | Path, device: str = "auto") -> dict[str, Any]:
+    """Validation and test accuracy of a run's checkpoint (best.pt by default)."""
+    cfg, method, splits, file, step = load_run(path, device)
+    dev = resolve_device(device)
+    mean, std = stat_tensors(splits.train, dev)
+    amp = autocast_for(dev, cfg.trainer.precision)
+    out: dict[str, Any] = {"checkpoint": str(file), "step": step}
+    for name, split in (("val_acc", splits.val), ("test_acc", splits.test)):
+        out[name] = accuracy(method.predict, split.images, split.labels, mean, std,
+                             cfg.data.eval_batch_size, dev, autocast=amp)
+    out["params"] = sum(p.numel() for p in method.deployable().parameters())
+    return out

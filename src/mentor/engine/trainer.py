@@ -1,0 +1,388 @@
+"""The training loop every method runs on.
+
+The engine owns everything that is not the method: device and precision, DDP, the batch pipeline,
+optimizers and schedules per phase, accumulation and clipping, EMA, evaluation, checkpoints, logging.
+Nothing in a step synchronises with the host: loss terms are summed on the device and read every
+``log_every`` steps, and a non-finite loss is recorded on the device (step and term) and reported at
+the next read, before any checkpoint is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import platform
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import RunConfig, dump_config, to_dict
+from ..methods import METHODS, BuildInfo, Method, StepContext
+from ..models import create_model
+from . import checkpoint as ckpt
+from .distributed import Dist, all_reduce_max, all_reduce_sum, barrier, init_distributed, shutdown
+from .ema import EMA
+from .evaluate import accuracy
+from .inputs import Splits, TrainInputs, load_splits
+from .logger import RunLogger, format_duration, log, truncate_metrics
+from .optim import build_optimizer, build_scheduler
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the step, the term and the last checkpoint."""
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The run directory holds a checkpoint of a different method/model/data than the recipe asks."""
+
+
+def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist is not None and dist.enabled:
+        name = f"cuda:{dist.local_rank}"
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A context factory: bf16 autocast on CUDA by default, fp32 elsewhere unless asked."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def build_method(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> Method:
+    """The student from the zoo and the registered method around it."""
+    train = splits.train
+    info = BuildInfo(num_classes=train.num_classes, in_channels=train.images.shape[1],
+                     image_size=train.images.shape[-1], train_size=len(train.labels),
+                     max_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, device=str(device))
+    student = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                           **cfg.model.kwargs)
+    return METHODS.get(cfg.method.name)(cfg.method, student, info)
+
+
+# The parts of a recipe that must match for a checkpoint to be resumed.
+_IDENTITY = ("method", "model", "data")
+
+
+class Trainer:
+    """Runs one recipe to completion (or resumes it) and writes the run directory."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        t = cfg.trainer
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.dist = init_distributed("cuda" if resolve_device(t.device).type == "cuda" else "cpu")
+        self.device = resolve_device(t.device, self.dist)
+        self.autocast = autocast_for(self.device, t.precision)
+        self.run_dir = Path(cfg.out_dir)
+        torch.manual_seed(t.seed + self.dist.rank)
+
+        self.splits = load_splits(cfg.data)
+        method_cls = METHODS.get(cfg.method.name)
+        self.inputs = TrainInputs(self.splits, cfg.data, method_cls.views, t.seed, self.dist.rank,
+                                  self.dist.world_size, self.device, t.channels_last)
+        # The student's initial weights depend on the seed only, not on the rank: every rank and
+        # every method of a paired comparison starts from the same network.
+        torch.manual_seed(t.seed)
+        self.method = build_method(cfg, self.splits, self.device, self.inputs.steps_per_epoch)
+        self.method.to(self.device)
+        if t.channels_last:
+            self.method.to(memory_format=torch.channels_last)
+        self.method.setup(self.inputs(0))
+        self.method.to(self.device)  # connectors created by setup()
+        torch.manual_seed(t.seed + self.dist.rank)
+
+        self.phases = self.method.phases()
+        self.optimizers = [build_optimizer(p.params, cfg.optim, p.optim) for p in self.phases]
+        self.schedulers = [build_scheduler(o, cfg.schedule, t.max_steps, o.param_groups[0]["lr"])
+                           for o in self.optimizers]
+        self.ema = EMA(self.method.deployable(), t.ema).to(self.device) if t.ema else None
+        if t.compile:
+            for _, child in self.method.named_children():
+                child.compile()
+        self.step_module: nn.Module = self._wrap_ddp()
+
+        self.start_step = 0
+        self.best = {"val_acc": -1.0, "step": -1}
+        self.history_wall = 0.0
+        self.meter: dict[str, Tensor] = {}
+        self.meter_steps = 0
+        self.bad_step: Tensor | None = None
+        self.term_names: list[str] | None = None
+
+    # -- set-up helpers --------------------------------------------------------------------------
+    def _wrap_ddp(self) -> nn.Module:
+        if not self.dist.enabled:
+            return self.method
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # Frozen modules (teachers) stay outside DDP: no gradient buckets, no buffer broadcasts.
+        ignore = [f"{name}.{p}" for name, m in self.method.frozen_modules().items()
+                  for p, _ in list(m.named_parameters()) + list(m.named_buffers())]
+        DDP._set_params_and_buffers_to_ignore_for_model(self.method, ignore)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(self.method, device_ids=ids, find_unused_parameters=len(self.phases) > 1)
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "method": self.method.state_dict(),
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+            "ema": self.ema.state_dict() if self.ema else None,
+            "rng": ckpt.rng_state(),
+            "meter": {k: v.detach().clone() for k, v in self.meter.items()},
+            "meter_steps": self.meter_steps,
+            "terms": list(self.term_names or []),
+            "best": dict(self.best),
+            "wall": self.history_wall + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+            "config": to_dict(self.cfg),
+        }
+
+    def save(self, step: int) -> None:
+        self._check_finite()
+        if self.is_main:
+            ckpt.atomic_save(self.state_dict(step), self.run_dir / "last.pt")
+        barrier(self.dist)
+
+    def _check_identity(self, saved: dict[str, Any], path: Path) -> None:
+        now = to_dict(self.cfg)
+        for key in _IDENTITY:
+            if saved.get(key) != now[key]:
+                raise CheckpointMismatchError(
+                    f"{path} was written by a run with a different {key!r} ({saved.get(key)} vs "
+                    f"{now[key]}). Use another out_dir, delete the run directory, or set resume=false.")
+
+    def load(self, path: Path) -> None:
+        state = ckpt.load(path, map_location=self.device)
+        self._check_identity(state.get("config", {}), path)
+        self.method.load_state_dict(state["method"])
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(self.schedulers, state["schedulers"]):
+            sch.load_state_dict(s)
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        ckpt.set_rng_state(state["rng"])
+        self.meter = {k: v.to(self.device) for k, v in state["meter"].items()}
+        self.meter_steps = state["meter_steps"]
+        self.term_names = list(state["terms"]) or None
+        self.best = state["best"]
+        self.history_wall = state["wall"]
+        self.start_step = state["step"]
+
+    # -- metering without host sync --------------------------------------------------------------
+    def _record(self, out: dict[str, Tensor], step: int) -> None:
+        if self.term_names is None:
+            self.term_names = list(out)
+        values = torch.stack([out[k].detach().float() for k in self.term_names])
+        if "_sum" not in self.meter:
+            self.meter["_sum"] = torch.zeros_like(values)
+        self.meter["_sum"] += values
+        if self.bad_step is None:
+            self.bad_step = torch.full_like(values, -1, dtype=torch.long)
+        bad = ~torch.isfinite(values)
+        self.bad_step = torch.where(bad & (self.bad_step < 0), step, self.bad_step)
+        self.meter_steps += 1
+
+    def _check_finite(self) -> None:
+        if self.bad_step is None:
+            return
+        bad = all_reduce_max(self.bad_step.clone(), self.dist).tolist()
+        for name, step in zip(self.term_names or [], bad):
+            if step >= 0:
+                last = self.run_dir / "last.pt"
+                where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
+                raise NonFiniteLossError(
+                    f"loss term {name!r} became NaN/inf at step {step} ({where}). Lower optim.lr, "
+                    f"set trainer.clip_grad, or check the data and the method's hyper-parameters.")
+
+    def _read_meter(self) -> dict[str, float]:
+        self._check_finite()
+        if not self.meter_steps:
+            return {}
+        total = all_reduce_sum(self.meter["_sum"].clone(), self.dist) / self.dist.world_size
+        vals = (total / self.meter_steps).tolist()
+        self.meter["_sum"].zero_()
+        self.meter_steps = 0
+        return dict(zip(self.term_names or [], vals))
+
+    # -- evaluation ------------------------------------------------------------------------------
+    def _accuracy(self, predict, split) -> float:
+        mean, std = self.inputs.mean, self.inputs.std
+        return accuracy(predict, split.images, split.labels, mean, std, self.cfg.data.eval_batch_size,
+                        self.device, self.dist, self.autocast, self.cfg.trainer.channels_last)
+
+    def evaluate(self, step: int, logger: RunLogger) -> None:
+        self.method.eval()
+        vals = {"val_acc": self._accuracy(self.method.predict, self.splits.val)}
+        if self.ema is not None:
+            vals["val_acc_ema"] = self._accuracy(self.ema, self.splits.val)
+        self.method.train()
+        logger.eval(step, vals)
+        if vals["val_acc"] > self.best["val_acc"]:
+            self.best = {"val_acc": vals["val_acc"], "step": step}
+            if self.is_main:
+                ckpt.atomic_save({"step": step, "model": self.method.deployable().state_dict(),
+                                  "ema": self.ema.module.state_dict() if self.ema else None},
+                                 self.run_dir / "best.pt")
+        self.last_val = vals
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _train_step(self, step: int) -> None:
+        t = self.cfg.trainer
+        ctx = StepContext(step=step, max_steps=t.max_steps, steps_per_epoch=self.inputs.steps_per_epoch)
+        for phase, opt, sched in zip(self.phases, self.optimizers, self.schedulers):
+            if step % phase.every:
+                continue
+            ctx.phase = phase.name
+            opt.zero_grad(set_to_none=True)
+            out: dict[str, Tensor] = {}
+            for micro in range(t.accumulate):
+                batch = self.inputs(step * t.accumulate + micro)
+                last = micro == t.accumulate - 1
+                sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.step_module.no_sync()
+                with sync:
+                    with self.autocast():
+                        out = self.step_module(batch, ctx)
+                    (out["loss"] / t.accumulate).backward()
+            if t.clip_grad:
+                torch.nn.utils.clip_grad_norm_(phase.params, t.clip_grad, foreach=True)
+            opt.step()
+            sched.step()
+            self._record({f"{phase.name}/{k}" if len(self.phases) > 1 else k: v for k, v in out.items()},
+                         step)
+        if self.ema is not None:
+            self.ema.update(self.method.deployable())
+
+    def fit(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.trainer
+        last = self.run_dir / "last.pt"
+        if cfg.resume and last.exists():
+            self.load(last)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
+            truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
+            if self.start_step:
+                log.info(f"resuming {self.run_dir} at step {self.start_step}")
+        logger = RunLogger(self.run_dir, t.max_steps, self.start_step, self.is_main, t.progress)
+        global_batch = cfg.data.batch_size * self.dist.world_size * t.accumulate
+        self.method.train()
+        self._t0 = time.perf_counter()
+        train_time, t_mark, steps_mark = 0.0, time.perf_counter(), self.start_step
+        self.last_val: dict[str, float] = {}
+        with _StopOnSignal() as stop:
+            for step in range(self.start_step, t.max_steps):
+                if stop.requested:
+                    # Between two steps the state is consistent: keep it so the same command resumes.
+                    self.save(step)
+                    logger.close()
+                    log.info(f"stopped at step {step}; saved {last}, run the same command to resume")
+                    raise KeyboardInterrupt
+                self._train_step(step)
+                logger.advance()
+                done = step + 1
+                boundary = done % t.log_every == 0 or done == t.max_steps
+                do_eval = done % t.eval_every == 0 or done == t.max_steps
+                do_ckpt = done % t.ckpt_every == 0 or done == t.max_steps
+                if boundary or do_eval or do_ckpt:
+                    values = self._read_meter() if boundary else {}  # synchronises the device
+                    now = time.perf_counter()
+                    train_time += now - t_mark
+                    if boundary:
+                        rate = (done - steps_mark) * global_batch / max(now - t_mark, 1e-9)
+                        eta = (t.max_steps - done) * global_batch / max(rate, 1e-9)
+                        lr = self.optimizers[0].param_groups[0]["lr"]
+                        logger.train(done, values, lr, rate, eta)
+                    if do_eval:
+                        self.evaluate(done, logger)
+                    if do_ckpt:
+                        self.save(done)
+                    t_mark, steps_mark = time.perf_counter(), done
+        logger.close()
+        images = (t.max_steps - self.start_step) * global_batch
+        summary = self._summary(train_time, images)
+        if self.is_main:
+            ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        shutdown(self.dist)
+        return summary
+
+    def _summary(self, train_time: float, images: int) -> dict[str, Any]:
+        """Last-step and best-val-step numbers; the test set is read once per reported checkpoint."""
+        self.method.eval()
+        test = self.splits.test
+        out: dict[str, Any] = {
+            "method": self.cfg.method.name,
+            "model": self.cfg.model.name,
+            "params": sum(p.numel() for p in self.method.deployable().parameters()),
+            "steps": self.cfg.trainer.max_steps,
+            "val_acc_last": self.last_val.get("val_acc", float("nan")),
+            "val_acc_best": self.best["val_acc"],
+            "best_step": self.best["step"],
+            "test_acc_last": self._accuracy(self.method.predict, test),
+        }
+        best_path = self.run_dir / "best.pt"
+        barrier(self.dist)
+        if best_path.exists():
+            state = ckpt.load(best_path, map_location=self.device)
+            net = copy.deepcopy(self.method.deployable())
+            net.load_state_dict(state["model"])
+            net.eval()
+            out["test_acc_best"] = self._accuracy(net, test)
+        if self.ema is not None:
+            out["val_acc_ema_last"] = self.last_val.get("val_acc_ema", float("nan"))
+            out["test_acc_ema_last"] = self._accuracy(self.ema, test)
+        out["wall_s"] = self.history_wall + (time.perf_counter() - self._t0)
+        out["train_img_s"] = images / train_time if train_time > 0 else float("nan")
+        out["device"] = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else (
+            platform.processor() or platform.machine())
+        out["threads"] = torch.get_num_threads()
+        out["torch"] = str(torch.__version__)
+        out["world_size"] = self.dist.world_size
+        if self.is_main:
+            log.info(f"done in {format_duration(out['wall_s'])}: test acc {out['test_acc_last']:.4f} (last), "
+                     f"{out.get('test_acc_best', math.nan):.4f} (best val @ {self.best['step']})")
+        return out
+
+
+class _StopOnSignal:
+    """Turns SIGINT/SIGTERM into a request honoured between steps (a second SIGINT stops at once)."""
+
+    def __enter__(self) -> _StopOnSignal:
+        self.requested = False
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Train one recipe; returns the summary (also written to ``<out_dir>/summary.json``)."""
+    return Trainer(cfg).fit()

@@ -1,0 +1,43 @@
+"""The model registry: ``create_model`` / ``list_models`` / ``register_model`` (the timm pattern).
+
+Every factory registered here has the signature ``factory(num_classes, in_channels=3, **kw)`` and
+returns a plain ``nn.Module`` whose ``forward(x)`` gives logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from mentor.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register ``factory(num_classes, in_channels=3, **kw)`` under ``name``.
+
+    Refuses a name that is already taken, so two files cannot silently shadow each other.
+    """
+    return MODELS.register(name)
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, **kw: Any) -> nn.Module:
+    """Build the zoo model ``name`` for ``num_classes`` classes and ``in_channels``-channel images.
+
+    Extra keyword arguments go to the model (e.g. ``width_mult`` for ``mobilenetv2``). An unknown
+    name raises ``KeyError`` with the closest registered names.
+    """
+    return MODELS.create(name, num_classes=num_classes, in_channels=in_channels, **kw)
+
+
+def list_models(pattern: str = "*") -> list[str]:
+    """Registered model names matching a glob ``pattern``, sorted."""
+    return MODELS.names(pattern)
+
+
+def model_info(model: nn.Module) -> int:
+    """Number of parameters of ``model`` (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters())

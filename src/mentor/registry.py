@@ -1,0 +1,58 @@
+"""Name -> factory registries for methods, models, datasets and samplers.
+
+A registry refuses duplicate names, lists its entries (optionally filtered by a glob) and, when asked
+for a name it does not hold, says which names are close (the timm ``create_model`` pattern).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Any, Callable, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
+    """A "did you mean ...?" suffix for error messages ('' when nothing is close)."""
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+class Registry(Generic[T]):
+    """A named collection of factories (classes or functions)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str | None = None) -> Callable[[T], T]:
+        def deco(obj: T) -> T:
+            key = name or getattr(obj, "__name__")
+            if key in self._entries:
+                raise ValueError(f"{self.kind} {key!r} is already registered")
+            self._entries[key] = obj
+            return obj
+
+        return deco
+
+    def get(self, name: str) -> T:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(
+                f"unknown {self.kind} {name!r}.{suggest(name, self.names())} "
+                f"Known: {', '.join(self.names())}"
+            ) from None
+
+    def create(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self.get(name)(*args, **kwargs)  # type: ignore[operator]
+
+    def names(self, pattern: str = "*") -> list[str]:
+        return sorted(k for k in self._entries if fnmatch.fnmatch(k, pattern))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,52 @@
+"""Small models and methods the engine tests register (no BatchNorm, so per-rank batches add up)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mentor.methods import METHODS, Method, MethodConfig, register_method
+from mentor.models import MODELS, register_model
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, num_classes: int, in_channels: int = 1, hidden: int = 32):
+        super().__init__()
+        self.stem = nn.Flatten()
+        self.layer1 = nn.LazyLinear(hidden)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.layer1(self.stem(x))))
+
+
+class FixedMLP(nn.Module):
+    """A no-BN, non-lazy MLP for 8x8 single-channel digits."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, hidden: int = 32):
+        super().__init__()
+        self.layer1 = nn.Linear(in_channels * 64, hidden)
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.layer1(x.flatten(1))))
+
+
+if "test_mlp" not in MODELS:
+    register_model("test_mlp")(lambda num_classes, in_channels=1, **kw: FixedMLP(num_classes, in_channels, **kw))
+
+if "test_nan_at" not in METHODS:
+
+    @register_method("test_nan_at")
+    class NanAt(Method):
+        """Cross-entropy that turns NaN at one step (to exercise the engine's non-finite check)."""
+
+        @dataclass
+        class Config(MethodConfig):
+            step: int = 3
+
+        def training_step(self, batch, ctx):
+            ce = F.cross_entropy(self.student(batch["x"]), batch["y"])
+            aux = ce.detach() * 0 + (float("nan") if ctx.step == self.cfg.step else 0.0)
+            return {"loss": ce + aux, "ce": ce, "aux": aux}
