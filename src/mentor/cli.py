@@ -59,8 +59,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     if args.action == "info":
         print(dataset_info(args.name))
     else:
-        where = fetch(args.name, to=args.to)
-        print(f"{args.name}: files verified and stored in {where}")
+        files = fetch(args.name, to=args.to, verify=not args.no_verify)
+        for f in files:
+            print(f)
+        print(f"{args.name}: {len(files)} files " + ("stored (not verified)" if args.no_verify else "verified by SHA-256"))
     return 0
 
 
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch = dsub.add_parser("fetch", help="download the official files, verified by SHA-256")
     fetch.add_argument("name")
     fetch.add_argument("--to", default=None, help="target folder (default ~/.cache/mentor/NAME)")
+    fetch.add_argument("--no-verify", action="store_true", help="keep files whose SHA-256 is not published")
     d.set_defaults(func=cmd_data)
 
     demo = sub.add_parser("demo", help="the main job: teacher and student on Fashion-MNIST, one table")

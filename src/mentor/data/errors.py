@@ -1,0 +1,22 @@
+"""The one exception for data problems a user can cause (and fix).
+
+Every ``DataError`` message names the file or folder involved and says what to do about it, so the
+command line can print it as is, without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FETCH_HINT = "mentor data fetch {name} [--to DIR]"
+
+
+class DataError(Exception):
+    """A missing, truncated, corrupt or mismatched data file (the message says which and how to fix it)."""
+
+
+def refetch_hint(path: str | Path, name: str | None = None) -> str:
+    """The standard fix for a damaged file: delete it and get it again."""
+    if name is None:
+        return f"delete {path} and download it again"
+    return f"delete {path} and run `{FETCH_HINT.format(name=name)}`"
