@@ -22,12 +22,6 @@ class Splits:
     train_index: Tensor  # positions of ``train`` images in the official training set
 
 
-def _take(ds: ArrayDataset, idx: Tensor) -> ArrayDataset:
-    import dataclasses
-
-    return dataclasses.replace(ds, images=ds.images[idx], labels=ds.labels[idx])
-
-
 def load_splits(cfg: DataConfig) -> Splits:
     """Official train split -> stratified (train, val); optional stratified training subset; test."""
     full = load_dataset(cfg.name, split="train", root=cfg.root)
@@ -39,7 +33,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.subset is not None:
         keep = stratified_subset(full.labels[tr_idx], cfg.subset, seed=cfg.split_seed)
         tr_idx = tr_idx[keep]
-    return Splits(train=_take(full, tr_idx), val=_take(full, va_idx), test=test, train_index=tr_idx)
+    return Splits(train=full.subset(tr_idx), val=full.subset(va_idx), test=test, train_index=tr_idx)
 
 
 def normalize(x_u8: Tensor, mean: Tensor, std: Tensor) -> Tensor:

@@ -77,7 +77,8 @@ _IDENTITY = ("method", "model", "data")
 class Trainer:
     """Runs one recipe to completion (or resumes it) and writes the run directory."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, splits: Splits | None = None):
+        """``splits`` replaces the recipe's dataset with tensors the caller already has."""
         self.cfg = cfg
         t = cfg.trainer
         if t.threads:
@@ -88,7 +89,7 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         torch.manual_seed(t.seed + self.dist.rank)
 
-        self.splits = load_splits(cfg.data)
+        self.splits = splits if splits is not None else load_splits(cfg.data)
         method_cls = METHODS.get(cfg.method.name)
         self.inputs = TrainInputs(self.splits, cfg.data, method_cls.views, t.seed, self.dist.rank,
                                   self.dist.world_size, self.device, t.channels_last)
