@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import time
 
 import torch
@@ -22,6 +21,7 @@ from mentor.config import load_config
 from mentor.data import ArrayDataset
 from mentor.engine import Trainer
 from mentor.engine.inputs import Splits
+from mentor.engine.trainer import hardware_name
 
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -65,9 +65,10 @@ def measure(args: argparse.Namespace) -> dict:
     out = {
         "model": args.model, "batch": args.batch, "input": [args.channels, args.size, args.size],
         "augment": args.augment, "device": dev.type, "precision": args.precision, "compile": args.compile,
-        "channels_last": args.channels_last, "img_s": round(img_s, 1), "step_ms": round(1000 * dt / args.steps, 3),
+        "channels_last": args.channels_last, "img_s": round(img_s, 1),
+        "step_ms": round(1000 * dt / args.steps, 3),
         "threads": torch.get_num_threads(), "torch": str(torch.__version__),
-        "hardware": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine()),
+        "hardware": hardware_name(dev),
         "date": datetime.date.today().isoformat(),
     }
     if dev.type == "cuda":

@@ -50,3 +50,33 @@ if "test_nan_at" not in METHODS:
             ce = F.cross_entropy(self.student(batch["x"]), batch["y"])
             aux = ce.detach() * 0 + (float("nan") if ctx.step == self.cfg.step else 0.0)
             return {"loss": ce + aux, "ce": ce, "aux": aux}
+
+
+if "test_two_phase" not in METHODS:
+    from mentor.methods import Phase
+
+    @register_method("test_two_phase")
+    class TwoPhase(Method):
+        """Student trained every step; an extra head trained every ``every`` steps with its own lr."""
+
+        @dataclass
+        class Config(MethodConfig):
+            every: int = 2
+            head_lr: float = 0.5
+
+        def __init__(self, cfg, student, info):
+            super().__init__(cfg, student, info)
+            self.head = nn.Linear(info.num_classes, info.num_classes)
+            self.calls: list[tuple[int, str]] = []
+
+        def phases(self):
+            return [Phase("main", list(self.student.parameters())),
+                    Phase("aux", list(self.head.parameters()), every=self.cfg.every,
+                          optim={"lr": self.cfg.head_lr, "weight_decay": 0.0})]
+
+        def training_step(self, batch, ctx):
+            self.calls.append((ctx.step, ctx.phase))
+            logits = self.student(batch["x"])
+            if ctx.phase == "aux":
+                logits = self.head(logits.detach())
+            return {"loss": F.cross_entropy(logits, batch["y"])}

@@ -494,9 +494,7 @@ def test_apply_captures_as_one_graph(aug):
 
 
 @pytest.mark.slow
-def test_apply_compiles_with_inductor(request):
-    if "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("the inductor build takes ~35 s on a 2-core CPU; run with -m slow")
+def test_apply_compiles_with_inductor():
     torch._dynamo.reset()
     aug = StrongAugment(weak=WeakAugment())
     x = torch.rand(8, 3, 32, 32, generator=gen(25))

@@ -191,3 +191,31 @@ def test_end_to_end_on_real_fashion_mnist(tmp_path):
     assert events[-1]["loss"] < events[0]["loss"]
     assert summary["test_acc_last"] > 0.5  # chance is 0.1
     assert yaml.safe_load((tmp_path / "fm" / "config.yaml").read_text())["data"]["subset"] == 3000
+
+
+def test_phases_run_on_their_schedule_with_their_own_optimizer(tmp_path):
+    trainer = Trainer(digits_cfg(tmp_path, "method.name=test_two_phase", "method.every=3", "trainer.max_steps=7",
+                                 "model.name=test_mlp"))
+    head_before = trainer.method.head.weight.detach().clone()
+    student_before = trainer.method.student.fc.weight.detach().clone()
+    trainer.fit()
+    calls = trainer.method.calls
+    assert [s for s, p in calls if p == "aux"] == [0, 3, 6]
+    assert [s for s, p in calls if p == "main"] == list(range(7))
+    assert [o.param_groups[0]["lr"] for o in trainer.optimizers][1] <= 0.5
+    assert len(trainer.optimizers) == 2 and trainer.optimizers[1].param_groups[0]["weight_decay"] == 0.0
+    assert not torch.equal(trainer.method.head.weight, head_before)
+    assert not torch.equal(trainer.method.student.fc.weight, student_before)
+    logged = [e for e in read_jsonl(tmp_path / "run" / "metrics.jsonl") if e["split"] == "train"]
+    assert "main/loss" in logged[0] and "aux/loss" in logged[0]
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    summary = train(digits_cfg(tmp_path, "trainer.precision=bf16", "trainer.max_steps=4"))
+    assert 0.0 <= summary["test_acc_last"] <= 1.0
+
+
+def test_compile_and_channels_last(tmp_path):
+    summary = train(digits_cfg(tmp_path, "trainer.compile=true", "trainer.channels_last=true",
+                               "trainer.max_steps=4"))
+    assert 0.0 <= summary["test_acc_last"] <= 1.0

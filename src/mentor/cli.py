@@ -6,6 +6,7 @@ import argparse
 import fnmatch
 import json
 import logging
+import os
 import sys
 
 
@@ -20,7 +21,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.recipe, args.overrides)
     summary = train(cfg)
-    print(json.dumps(summary, indent=2))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -62,7 +64,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         files = fetch(args.name, to=args.to, verify=not args.no_verify)
         for f in files:
             print(f)
-        print(f"{args.name}: {len(files)} files " + ("stored (not verified)" if args.no_verify else "verified by SHA-256"))
+        state = "stored (not verified)" if args.no_verify else "verified by SHA-256"
+        print(f"{args.name}: {len(files)} files {state}")
     return 0
 
 

@@ -160,7 +160,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}.{suggest(str(value), [str(a) for a in typing.get_args(tp)])}")
+        near = suggest(str(value), [str(a) for a in typing.get_args(tp)])
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}.{near}")
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -27,16 +27,13 @@ from ..config import RunConfig, dump_config, to_dict
 from ..methods import METHODS, BuildInfo, Method, StepContext
 from ..models import create_model
 from . import checkpoint as ckpt
-from .distributed import Dist, all_reduce_max, all_reduce_sum, barrier, init_distributed, shutdown
+from .distributed import Dist, barrier, init_distributed, shutdown
 from .ema import EMA
 from .evaluate import accuracy
 from .inputs import Splits, TrainInputs, load_splits
 from .logger import RunLogger, format_duration, log, truncate_metrics
+from .meter import Meter, NonFiniteLossError
 from .optim import build_optimizer, build_scheduler
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; the message names the step, the term and the last checkpoint."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -49,6 +46,20 @@ def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
     if name == "cuda" and dist is not None and dist.enabled:
         name = f"cuda:{dist.local_rank}"
     return torch.device(name)
+
+
+def hardware_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo where there is one."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def autocast_for(device: torch.device, precision: str):
@@ -117,10 +128,7 @@ class Trainer:
         self.start_step = 0
         self.best = {"val_acc": -1.0, "step": -1}
         self.history_wall = 0.0
-        self.meter: dict[str, Tensor] = {}
-        self.meter_steps = 0
-        self.bad_step: Tensor | None = None
-        self.term_names: list[str] | None = None
+        self.meter = Meter(self.dist, prefix_phases=len(self.phases) > 1)
 
     # -- set-up helpers --------------------------------------------------------------------------
     def _wrap_ddp(self) -> nn.Module:
@@ -148,9 +156,7 @@ class Trainer:
             "schedulers": [s.state_dict() for s in self.schedulers],
             "ema": self.ema.state_dict() if self.ema else None,
             "rng": ckpt.rng_state(),
-            "meter": {k: v.detach().clone() for k, v in self.meter.items()},
-            "meter_steps": self.meter_steps,
-            "terms": list(self.term_names or []),
+            "meter": self.meter.state_dict(),
             "best": dict(self.best),
             "wall": self.history_wall + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
             "config": to_dict(self.cfg),
@@ -181,48 +187,24 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
         ckpt.set_rng_state(state["rng"])
-        self.meter = {k: v.to(self.device) for k, v in state["meter"].items()}
-        self.meter_steps = state["meter_steps"]
-        self.term_names = list(state["terms"]) or None
+        self.meter.load_state_dict(state["meter"])
         self.best = state["best"]
         self.history_wall = state["wall"]
         self.start_step = state["step"]
 
-    # -- metering without host sync --------------------------------------------------------------
-    def _record(self, out: dict[str, Tensor], step: int) -> None:
-        if self.term_names is None:
-            self.term_names = list(out)
-        values = torch.stack([out[k].detach().float() for k in self.term_names])
-        if "_sum" not in self.meter:
-            self.meter["_sum"] = torch.zeros_like(values)
-        self.meter["_sum"] += values
-        if self.bad_step is None:
-            self.bad_step = torch.full_like(values, -1, dtype=torch.long)
-        bad = ~torch.isfinite(values)
-        self.bad_step = torch.where(bad & (self.bad_step < 0), step, self.bad_step)
-        self.meter_steps += 1
-
     def _check_finite(self) -> None:
-        if self.bad_step is None:
-            return
-        bad = all_reduce_max(self.bad_step.clone(), self.dist).tolist()
-        for name, step in zip(self.term_names or [], bad):
-            if step >= 0:
-                last = self.run_dir / "last.pt"
-                where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
-                raise NonFiniteLossError(
-                    f"loss term {name!r} became NaN/inf at step {step} ({where}). Lower optim.lr, "
-                    f"set trainer.clip_grad, or check the data and the method's hyper-parameters.")
+        bad = self.meter.first_nonfinite()
+        if bad is not None:
+            name, step = bad
+            last = self.run_dir / "last.pt"
+            where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"loss term {name!r} became NaN/inf at step {step} ({where}). Lower optim.lr, "
+                f"set trainer.clip_grad, or check the data and the method's hyper-parameters.")
 
     def _read_meter(self) -> dict[str, float]:
         self._check_finite()
-        if not self.meter_steps:
-            return {}
-        total = all_reduce_sum(self.meter["_sum"].clone(), self.dist) / self.dist.world_size
-        vals = (total / self.meter_steps).tolist()
-        self.meter["_sum"].zero_()
-        self.meter_steps = 0
-        return dict(zip(self.term_names or [], vals))
+        return self.meter.read()
 
     # -- evaluation ------------------------------------------------------------------------------
     def _accuracy(self, predict, split) -> float:
@@ -267,8 +249,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(phase.params, t.clip_grad, foreach=True)
             opt.step()
             sched.step()
-            self._record({f"{phase.name}/{k}" if len(self.phases) > 1 else k: v for k, v in out.items()},
-                         step)
+            self.meter.add(phase.name, out, step)
         if self.ema is not None:
             self.ema.update(self.method.deployable())
 
@@ -341,7 +322,9 @@ class Trainer:
         }
         best_path = self.run_dir / "best.pt"
         barrier(self.dist)
-        if best_path.exists():
+        if self.best["step"] == self.cfg.trainer.max_steps:
+            out["test_acc_best"] = out["test_acc_last"]  # the same weights: read the test set once
+        elif best_path.exists():
             state = ckpt.load(best_path, map_location=self.device)
             net = copy.deepcopy(self.method.deployable())
             net.load_state_dict(state["model"])
@@ -352,8 +335,7 @@ class Trainer:
             out["test_acc_ema_last"] = self._accuracy(self.ema, test)
         out["wall_s"] = self.history_wall + (time.perf_counter() - self._t0)
         out["train_img_s"] = images / train_time if train_time > 0 else float("nan")
-        out["device"] = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else (
-            platform.processor() or platform.machine())
+        out["device"] = hardware_name(self.device)
         out["threads"] = torch.get_num_threads()
         out["torch"] = str(torch.__version__)
         out["world_size"] = self.dist.world_size

@@ -1,0 +1,83 @@
+"""Loss terms summed on the device between log steps, and non-finite values recorded there too.
+
+A training step never waits for the host: each term is added to a device tensor, and the first step
+at which a term became NaN/inf is kept on the device. Both are read (one synchronisation) every
+``log_every`` steps and before every checkpoint. Each optimizer phase has its own set of terms.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .distributed import Dist, all_reduce_max, all_reduce_sum
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the step, the term and the last checkpoint."""
+
+
+class _Terms:
+    def __init__(self, names: list[str], like: Tensor):
+        self.names = names
+        self.sum = torch.zeros(len(names), dtype=torch.float32, device=like.device)
+        self.bad_step = torch.full((len(names),), -1, dtype=torch.long, device=like.device)
+        self.count = 0
+
+
+class Meter:
+    """Per-phase running sums of named loss terms, without host synchronisation per step."""
+
+    def __init__(self, dist: Dist, prefix_phases: bool):
+        self.dist = dist
+        self.prefix = prefix_phases
+        self.phases: dict[str, _Terms] = {}
+
+    def add(self, phase: str, out: dict[str, Tensor], step: int) -> None:
+        terms = self.phases.get(phase)
+        first = next(iter(out.values()))
+        if terms is None:
+            terms = self.phases[phase] = _Terms(list(out), first)
+        elif list(out) != terms.names:
+            raise RuntimeError(f"training_step returned terms {sorted(out)} in phase {phase!r}, "
+                               f"earlier {sorted(terms.names)}: a method must return the same terms every step")
+        values = torch.stack([out[k].detach().float().reshape(()) for k in terms.names])
+        terms.sum += values
+        terms.bad_step = torch.where(~torch.isfinite(values) & (terms.bad_step < 0), step, terms.bad_step)
+        terms.count += 1
+
+    def _name(self, phase: str, term: str) -> str:
+        return f"{phase}/{term}" if self.prefix else term
+
+    def first_nonfinite(self) -> tuple[str, int] | None:
+        """(term, step) of the earliest NaN/inf recorded on any rank, or None."""
+        found = None
+        for phase, terms in self.phases.items():
+            bad = all_reduce_max(terms.bad_step.clone(), self.dist).tolist()
+            for name, step in zip(terms.names, bad):
+                if step >= 0 and (found is None or step < found[1]):
+                    found = (self._name(phase, name), step)
+        return found
+
+    def read(self) -> dict[str, float]:
+        """Means since the last read, averaged over ranks; resets the sums."""
+        out: dict[str, float] = {}
+        for phase, terms in self.phases.items():
+            if not terms.count:
+                continue
+            total = all_reduce_sum(terms.sum.clone(), self.dist) / (self.dist.world_size * terms.count)
+            out.update({self._name(phase, n): v for n, v in zip(terms.names, total.tolist())})
+            terms.sum.zero_()
+            terms.count = 0
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {p: {"names": t.names, "sum": t.sum.clone(), "count": t.count} for p, t in self.phases.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for phase, s in state.items():
+            terms = self.phases[phase] = _Terms(list(s["names"]), s["sum"])
+            terms.sum.copy_(s["sum"])
+            terms.count = s["count"]
