@@ -36,8 +36,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
-        from .methods import METHODS
+        from .methods import METHODS, load_builtin_methods
 
+        load_builtin_methods()
         names = METHODS.names(args.pattern)
     elif args.what == "models":
         from .models import list_models
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .data import DataError
+    from .distill import TeacherError
     from .engine import CheckpointError, CheckpointMismatchError, NonFiniteLossError
 
     args = build_parser().parse_args(argv)
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mentor: recipe error: {e}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, CheckpointMismatchError, NonFiniteLossError, KeyError) as e:
+    except (DataError, CheckpointError, CheckpointMismatchError, NonFiniteLossError, TeacherError,
+            KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"mentor: error: {msg}", file=sys.stderr)
         return 1

@@ -289,8 +289,9 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a raw recipe mapping into a RunConfig, resolving the method's own dataclass."""
-    from .methods import METHODS
+    from .methods import METHODS, load_builtin_methods
 
+    load_builtin_methods()
     raw = dict(raw)
     method_raw = raw.pop("method", None) or {"name": "supervised"}
     if isinstance(method_raw, str):

@@ -160,7 +160,16 @@ class Trainer:
             "best": dict(self.best),
             "wall": self.history_wall + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
             "config": to_dict(self.cfg),
+            "info": self.network_info(),
         }
+
+    def network_info(self) -> dict[str, Any]:
+        """What a later run needs to rebuild the deployable network (e.g. to use it as a teacher)."""
+        info = self.method.info
+        return {"model": self.cfg.model.name, "kwargs": dict(self.cfg.model.kwargs),
+                "num_classes": info.num_classes, "in_channels": info.in_channels,
+                "image_size": info.image_size, "dataset": self.cfg.data.name,
+                "method": self.cfg.method.name}
 
     def save(self, step: int) -> None:
         self._check_finite()
@@ -215,6 +224,8 @@ class Trainer:
     def evaluate(self, step: int, logger: RunLogger) -> None:
         self.method.eval()
         vals = {"val_acc": self._accuracy(self.method.predict, self.splits.val)}
+        for name, net in self.method.eval_heads().items():
+            vals[f"val_acc_{name}"] = self._accuracy(net, self.splits.val)
         if self.ema is not None:
             vals["val_acc_ema"] = self._accuracy(self.ema, self.splits.val)
         self.method.train()
@@ -223,8 +234,8 @@ class Trainer:
             self.best = {"val_acc": vals["val_acc"], "step": step}
             if self.is_main:
                 ckpt.atomic_save({"step": step, "model": self.method.deployable().state_dict(),
-                                  "ema": self.ema.module.state_dict() if self.ema else None},
-                                 self.run_dir / "best.pt")
+                                  "ema": self.ema.module.state_dict() if self.ema else None,
+                                  "info": self.network_info()}, self.run_dir / "best.pt")
         self.last_val = vals
 
     # -- the loop --------------------------------------------------------------------------------
@@ -330,6 +341,8 @@ class Trainer:
             net.load_state_dict(state["model"])
             net.eval()
             out["test_acc_best"] = self._accuracy(net, test)
+        for name, net in self.method.eval_heads().items():
+            out[f"test_acc_last_{name}"] = self._accuracy(net, test)
         if self.ema is not None:
             out["val_acc_ema_last"] = self.last_val.get("val_acc_ema", float("nan"))
             out["test_acc_ema_last"] = self._accuracy(self.ema, test)

@@ -127,6 +127,11 @@ class Method(nn.Module):
     def predict(self, x: Tensor) -> Tensor:
         return self.deployable()(x)
 
+    def eval_heads(self) -> dict[str, nn.Module]:
+        """Networks evaluated beside ``predict`` and reported as ``val_acc_<name>`` (e.g. every peer
+        of an online method, or a branch of a multi-branch student)."""
+        return {}
+
     def phases(self) -> list[Phase]:
         return [Phase("main", [p for p in self.parameters() if p.requires_grad])]
 

@@ -1,0 +1,11 @@
+"""Knowledge distillation: offline, cross-layer, multi-teacher and online (``mentor.distill``).
+
+Importing this package registers every distillation method with :data:`mentor.methods.METHODS`.
+"""
+
+from . import losses
+from .base import DistillConfig, Distiller, MultiTeacherConfig, MultiTeacherDistiller
+from .teacher import TeacherError, load_teacher
+
+__all__ = ["DistillConfig", "Distiller", "MultiTeacherConfig", "MultiTeacherDistiller", "TeacherError",
+           "load_teacher", "losses"]
