@@ -46,6 +46,10 @@ class DataConfig:
 
     ``val_size`` images are carved from the training set (stratified, seeded by ``split_seed``);
     ``subset`` keeps a stratified subset of the remaining training images (the low-data regime).
+
+    ``name: image_folder`` reads ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``root`` and
+    ``test_root``), resized to ``image_size`` with ``channels`` 1 or 3; ``stream: true`` decodes batches
+    in ``num_workers`` DataLoader workers instead of holding the images on the device.
     """
 
     name: str = "fashion_mnist"
@@ -58,6 +62,11 @@ class DataConfig:
     augment: str = "weak"
     padding: int = 4
     flip: bool = True
+    image_size: int = 32
+    channels: int = 3
+    test_root: str | None = None
+    stream: bool = False
+    num_workers: int = 2
 
 
 @dataclass

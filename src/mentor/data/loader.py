@@ -20,51 +20,38 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int((int(words[0]) << 32 | int(words[1])) & ((1 << 63) - 1))
 
 
-class DeviceLoader:
-    """Shuffled mini-batches of (uint8 images, int64 labels) indexed on ``device``.
+class IndexSchedule:
+    """Which sample positions each rank takes at each step: a pure function of (seed, step).
 
-    ``batch(step)`` is a pure function of ``(seed, step)``: the epoch is ``step // steps_per_epoch``,
-    the epoch's order is a permutation of N drawn from a CPU ``torch.Generator`` seeded by
-    ``(seed, epoch)``, the step's global batch is positions ``[i*B*W, (i+1)*B*W)`` of it, and rank
-    ``r`` takes the contiguous slice ``[r*B, (r+1)*B)`` of the global batch. The ranks of one step
-    therefore together see exactly the batch a single process with batch size ``B*W`` would see.
+    The epoch is ``step // steps_per_epoch``; the epoch's order is a permutation of N drawn from a CPU
+    ``torch.Generator`` seeded by ``(seed, epoch)``; the step's global batch is positions
+    ``[i*B*W, (i+1)*B*W)`` of it, and rank ``r`` takes the contiguous slice ``[r*B, (r+1)*B)``. The
+    ranks of one step therefore together see exactly the batch one process with batch size ``B*W``
+    would see.
 
     With ``drop_last=False`` the last step of an epoch is filled up by wrapping round to the start of
     the same permutation (as ``DistributedSampler`` pads), so every rank still gets ``B`` samples and
     every sample is seen at least once per epoch.
     """
 
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        device: str | torch.device = "cpu",
-        drop_last: bool = True,
-    ):
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = True, device: str | torch.device = "cpu"):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got "
                              f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
-        self.n = int(images.shape[0])
+        self.n = int(n)
         self.global_batch = batch_size * world_size
         if drop_last and self.n < self.global_batch:
             raise ValueError(f"{self.n} samples cannot fill one batch of {batch_size} x {world_size} "
                              f"ranks with drop_last=True; lower batch_size or pass drop_last=False")
         if self.n == 0:
             raise ValueError("cannot draw batches from an empty dataset")
-        self.device = torch.device(device)
-        self.images = images.to(self.device)
-        self.labels = labels.to(self.device, torch.int64)
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
+        self.device = torch.device(device)
         self._epoch: int | None = None
         self._perm: torch.Tensor | None = None
 
@@ -92,12 +79,37 @@ class DeviceLoader:
         return self._perm
 
     def indices(self, step: int) -> torch.Tensor:
-        """This rank's sample indices at ``step`` (a device tensor of length ``batch_size``)."""
+        """This rank's sample indices at ``step`` (a tensor of length ``batch_size`` on the device)."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         epoch, i = divmod(step, self.steps_per_epoch)
         start = i * self.global_batch + self.rank * self.batch_size
         return self.permutation(epoch)[start : start + self.batch_size]
+
+
+class DeviceLoader(IndexSchedule):
+    """Shuffled mini-batches of (uint8 images, int64 labels) indexed on ``device``.
+
+    ``batch(step)`` takes the positions :class:`IndexSchedule` gives this rank at ``step``: small
+    datasets stay on the device and a batch is one ``index_select`` there.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: str | torch.device = "cpu",
+        drop_last: bool = True,
+    ):
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        super().__init__(images.shape[0], batch_size, seed, rank, world_size, drop_last, device)
+        self.images = images.to(self.device)
+        self.labels = labels.to(self.device, torch.int64)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(uint8 images [B, C, H, W], int64 labels [B]) for ``step``, on the device."""

@@ -64,6 +64,18 @@ class ArrayDataset:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:])  # type: ignore[return-value]
+
+    def batches(self, batch_size: int, rank: int = 0, world_size: int = 1):
+        """(uint8 images, labels) in order, this rank's share (positions rank, rank + world, ...)."""
+        idx = torch.arange(rank, len(self), world_size)
+        for start in range(0, len(idx), batch_size):
+            sel = idx[start:start + batch_size]
+            yield self.images[sel], self.labels[sel]
+
     def subset(self, indices: torch.Tensor) -> ArrayDataset:
         """The same dataset restricted to ``indices`` (e.g. a validation split)."""
         return ArrayDataset(self.images[indices], self.labels[indices], self.num_classes, self.name,

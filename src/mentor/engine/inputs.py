@@ -10,6 +10,7 @@ from torch import Tensor
 from ..config import DataConfig
 from ..data import ArrayDataset, DeviceLoader, load_dataset, stratified_split, stratified_subset
 from ..data.augment import build_augment
+from ..data.stream import StreamLoader
 
 
 @dataclass
@@ -22,10 +23,46 @@ class Splits:
     train_index: Tensor  # positions of ``train`` images in the official training set
 
 
+def _folder_splits(cfg: DataConfig):
+    """(train, test) of an image-folder tree, in memory or streamed."""
+    from pathlib import Path
+
+    from ..config import ConfigError
+    from ..data.folders import ImageFolder, find_classes
+    from ..data.stream import FolderSplit
+
+    if cfg.root is None:
+        raise ConfigError("data.root is required for data.name=image_folder (a folder of class sub-folders)")
+    root = Path(cfg.root).expanduser()
+    if (root / "train").is_dir():
+        train_root, test_root = root / "train", Path(cfg.test_root) if cfg.test_root else root / "test"
+    else:
+        train_root, test_root = root, Path(cfg.test_root) if cfg.test_root else None
+    if test_root is None or not test_root.is_dir():
+        raise ConfigError(f"image_folder needs a test split: {root}/train and {root}/test, or data.test_root")
+    if cfg.channels not in (1, 3):
+        raise ConfigError(f"data.channels must be 1 or 3, got {cfg.channels}")
+    classes = find_classes(train_root, test_root)
+    mode = "L" if cfg.channels == 1 else "RGB"
+    train = ImageFolder(train_root, cfg.image_size, classes=classes, mode=mode)
+    test = ImageFolder(test_root, cfg.image_size, classes=classes, mode=mode)
+    if not cfg.stream:
+        full = train.to_array_dataset(root.name)
+        test_ds = test.to_array_dataset(root.name)
+        test_ds.mean, test_ds.std = full.mean, full.std
+        return full, test_ds
+    full = FolderSplit(train, num_workers=cfg.num_workers, name=root.name)
+    full.mean, full.std = full.estimate_stats()
+    return full, FolderSplit(test, mean=full.mean, std=full.std, num_workers=cfg.num_workers, name=root.name)
+
+
 def load_splits(cfg: DataConfig) -> Splits:
     """Official train split -> stratified (train, val); optional stratified training subset; test."""
-    full = load_dataset(cfg.name, split="train", root=cfg.root)
-    test = load_dataset(cfg.name, split="test", root=cfg.root)
+    if cfg.name == "image_folder":
+        full, test = _folder_splits(cfg)
+    else:
+        full = load_dataset(cfg.name, split="train", root=cfg.root)
+        test = load_dataset(cfg.name, split="test", root=cfg.root)
     if cfg.val_size > 0:
         tr_idx, va_idx = stratified_split(full.labels, cfg.val_size, seed=cfg.split_seed)
     else:
@@ -75,8 +112,12 @@ class TrainInputs:
 
     def __init__(self, splits: Splits, cfg: DataConfig, views: tuple[str, ...], seed: int, rank: int,
                  world_size: int, device: torch.device, channels_last: bool = False):
-        self.loader = DeviceLoader(splits.train.images, splits.train.labels, cfg.batch_size, seed,
-                                   rank=rank, world_size=world_size, device=device)
+        if isinstance(splits.train, ArrayDataset):
+            self.loader = DeviceLoader(splits.train.images, splits.train.labels, cfg.batch_size, seed,
+                                       rank=rank, world_size=world_size, device=device)
+        else:
+            self.loader = StreamLoader(splits.train, cfg.batch_size, seed, rank=rank, world_size=world_size,
+                                       device=device)
         self.seed, self.rank, self.device = seed, rank, device
         self.channels_last = channels_last
         self.mean, self.std = stat_tensors(splits.train, device)
@@ -88,7 +129,7 @@ class TrainInputs:
 
     def __call__(self, step: int) -> dict[str, Tensor]:
         x_u8, y = self.loader.batch(step)
-        batch: dict[str, Tensor] = {"y": y, "index": self.loader.indices(step)}
+        batch: dict[str, Tensor] = {"y": y, "index": self.loader.indices(step).to(self.device)}
         for i, (name, aug) in enumerate(self.views):
             g = torch.Generator(device=self.device)
             g.manual_seed(_mix(self.seed, step, self.rank, i))

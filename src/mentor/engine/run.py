@@ -58,7 +58,6 @@ def evaluate_run(path: str | Path, device: str = "auto") -> dict[str, Any]:
     amp = autocast_for(dev, cfg.trainer.precision)
     out: dict[str, Any] = {"checkpoint": str(file), "step": step}
     for name, split in (("val_acc", splits.val), ("test_acc", splits.test)):
-        out[name] = accuracy(method.predict, split.images, split.labels, mean, std,
-                             cfg.data.eval_batch_size, dev, autocast=amp)
+        out[name] = accuracy(method.predict, split, mean, std, cfg.data.eval_batch_size, dev, autocast=amp)
     out["params"] = sum(p.numel() for p in method.deployable().parameters())
     return out

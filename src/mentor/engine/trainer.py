@@ -73,8 +73,9 @@ def autocast_for(device: torch.device, precision: str):
 def build_method(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> Method:
     """The student from the zoo and the registered method around it."""
     train = splits.train
-    info = BuildInfo(num_classes=train.num_classes, in_channels=train.images.shape[1],
-                     image_size=train.images.shape[-1], train_size=len(train.labels),
+    channels, _, width = train.image_shape
+    info = BuildInfo(num_classes=train.num_classes, in_channels=channels, image_size=width,
+                     train_size=len(train),
                      max_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, device=str(device))
     student = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
                            **cfg.model.kwargs)
@@ -218,8 +219,8 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------------------------
     def _accuracy(self, predict, split) -> float:
         mean, std = self.inputs.mean, self.inputs.std
-        return accuracy(predict, split.images, split.labels, mean, std, self.cfg.data.eval_batch_size,
-                        self.device, self.dist, self.autocast, self.cfg.trainer.channels_last)
+        return accuracy(predict, split, mean, std, self.cfg.data.eval_batch_size, self.device, self.dist,
+                        self.autocast, self.cfg.trainer.channels_last)
 
     def evaluate(self, step: int, logger: RunLogger) -> None:
         self.method.eval()
