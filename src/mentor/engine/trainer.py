@@ -326,6 +326,8 @@ class Trainer:
             "method": self.cfg.method.name,
             "model": self.cfg.model.name,
             "params": sum(p.numel() for p in self.method.deployable().parameters()),
+            "student_params": sum(p.numel() for p in self.method.student.parameters()),
+            "trainable_params": sum(p.numel() for p in self.method.parameters() if p.requires_grad),
             "steps": self.cfg.trainer.max_steps,
             "val_acc_last": self.last_val.get("val_acc", float("nan")),
             "val_acc_best": self.best["val_acc"],

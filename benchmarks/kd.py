@@ -1,0 +1,196 @@
+"""The distillation benchmark on Fashion-MNIST, run through the engine as PROTOCOL.md asks.
+
+Teachers are trained by their recipes (once; reused when their run directory is complete). Then every
+method trains the same student, per seed and per regime (full data, and a stratified low-data subset),
+from the same initial weights, batch order and augmentation draws, so differences are paired. The
+report gives test accuracy at the last step and at the best-validation step (mean ± std over seeds),
+the paired gain over the student trained alone, training images/s and extra trainable parameters.
+
+    python benchmarks/kd.py --plan cpu                       # the CPU-sized table (2 cores)
+    python benchmarks/kd.py --plan gpu                       # the literature's pairs, on a GPU
+    python benchmarks/kd.py --plan cpu --methods kd,dkd --seeds 0 --regimes low   # a slice
+    python benchmarks/kd.py --plan cpu --report-only         # rebuild the tables from finished runs
+
+Runs already finished are not repeated (a run directory with summary.json is reused), so the
+command can be stopped and started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from mentor.config import load_config
+from mentor.engine import train
+from mentor.methods import METHODS, load_builtin_methods
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SINGLE = ["kd", "dkd", "rld", "fitnet", "at", "rkd", "crd", "simkd", "semckd", "dskd"]
+MULTI = ["avg_mkd", "ebkd", "camkd", "mmkd"]
+ONLINE = ["dml", "okddip", "mbd"]
+
+PLANS = {
+    # 2 CPU cores: small pairs (a KD step of resnet20 -> resnet8 runs at ~1,100 img/s there).
+    "cpu": {
+        "teachers": ["recipes/supervised/fmnist_resnet20.yaml", "recipes/supervised/fmnist_wrn_16_1.yaml",
+                     "recipes/supervised/fmnist_resnet14.yaml"],
+        "students": ["resnet8"],
+        "student_recipe": "recipes/supervised/fmnist_resnet8.yaml",
+        "steps": {"full": 400, "low": 400},
+        "batch_size": 64,
+        "regimes": {"full": None, "low": 5000},
+    },
+    # One GPU: the literature's pairs.
+    "gpu": {
+        "teachers": ["recipes/supervised/fmnist_resnet32x4.yaml", "recipes/supervised/fmnist_wrn_40_2.yaml",
+                     "recipes/supervised/fmnist_resnet20.yaml"],
+        "students": ["resnet8x4", "wrn_16_2", "shufflenetv2"],
+        "student_recipe": "recipes/supervised/fmnist_resnet8x4.yaml",
+        "steps": {"full": 12880, "low": 4000},
+        "batch_size": 128,
+        "regimes": {"full": None, "low": 5000},
+    },
+}
+
+
+def teacher_dirs(plan: dict, out: Path, device: str) -> list[str]:
+    """Train each teacher by its recipe (unless finished) and return the run directories."""
+    dirs = []
+    for recipe in plan["teachers"]:
+        run = out / "teachers" / Path(recipe).stem
+        if not (run / "summary.json").is_file():
+            train(load_config(ROOT / recipe, [f"out_dir={run}", f"trainer.device={device}", "trainer.progress=false"]))
+        dirs.append(str(run))
+    return dirs
+
+
+def method_overrides(name: str, teachers: list[str]) -> list[str]:
+    fields = {f.name for f in dataclasses.fields(METHODS.get(name).Config)}
+    if "teachers" in fields:
+        return [f"method.teachers=[{','.join(teachers)}]"]
+    if "teacher" in fields:
+        return [f"method.teacher={teachers[0]}"]
+    return []
+
+
+def run_one(plan: dict, method: str, student: str, regime: str, seed: int, teachers: list[str], out: Path,
+            device: str) -> dict:
+    run = out / regime / student / method / f"seed{seed}"
+    summary = run / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    steps = plan["steps"][regime]
+    overrides = [
+        f"out_dir={run}", f"model.name={student}", f"method.name={method}", f"trainer.seed={seed}",
+        f"trainer.max_steps={steps}", f"trainer.eval_every={max(1, steps // 4)}",
+        f"trainer.ckpt_every={max(1, steps // 4)}", f"trainer.log_every={max(1, steps // 8)}",
+        f"data.batch_size={plan['batch_size']}", f"trainer.device={device}", "trainer.progress=false",
+        *method_overrides(method, teachers),
+    ]
+    subset = plan["regimes"][regime]
+    overrides.append(f"data.subset={subset if subset is not None else 'null'}")
+    return train(load_config(ROOT / plan["student_recipe"], overrides))
+
+
+def mean_std(xs: list[float]) -> str:
+    xs = [100 * x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "–"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
+
+
+def paired_gain(xs: list[float], base: list[float]) -> str:
+    d = [100 * (a - b) for a, b in zip(xs, base)]
+    if not d:
+        return "–"
+    m = statistics.mean(d)
+    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+    mark = " *" if len(d) > 1 and abs(m) > 2 * sd else ""
+    return f"{m:+.2f} ± {sd:.2f}{mark}"
+
+
+def table(results: dict, methods: list[str], seeds: list[int]) -> str:
+    """One markdown table per (regime, student); the baseline is `supervised`."""
+    out = []
+    for (regime, student), rows in results.items():
+        base = [rows["supervised"][s]["test_acc_last"] for s in seeds if s in rows.get("supervised", {})]
+        out.append(f"\n#### {student}, {regime} data\n")
+        out.append("| method | test acc, last step | test acc, best val step | paired gain (last) | img/s | extra params |")
+        out.append("|---|---|---|---|---|---|")
+        for m in ["supervised", *methods]:
+            if m not in rows:
+                continue
+            runs = [rows[m][s] for s in seeds if s in rows[m]]
+            last = [r["test_acc_last"] for r in runs]
+            best = [r.get("test_acc_best", float("nan")) for r in runs]
+            gain = paired_gain(last, base) if m != "supervised" and len(base) == len(last) else "–"
+            img_s = statistics.mean(r["train_img_s"] for r in runs)
+            extra = runs[0].get("trainable_params", 0) - runs[0].get("student_params", 0)
+            out.append(f"| {m} | {mean_std(last)} | {mean_std(best)} | {gain} | {img_s:,.0f} | {extra:,} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    load_builtin_methods()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--plan", choices=sorted(PLANS), default="cpu")
+    p.add_argument("--methods", default=",".join(SINGLE + MULTI + ONLINE))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--regimes", default="full,low")
+    p.add_argument("--out", default="runs/bench/kd")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    plan = PLANS[args.plan]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        sys.exit(f"unknown methods {unknown}; registered: {', '.join(METHODS.names())}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out) / args.plan
+    teachers = [] if args.report_only else teacher_dirs(plan, out, args.device)
+    if args.report_only:
+        teachers = [str(out / "teachers" / Path(r).stem) for r in plan["teachers"]]
+    results: dict = {}
+    for regime in args.regimes.split(","):
+        for student in plan["students"]:
+            rows = results.setdefault((regime, student), {})
+            for m in ["supervised", *methods]:
+                for seed in seeds:
+                    run = out / regime / student / m / f"seed{seed}" / "summary.json"
+                    if args.report_only:
+                        if run.is_file():
+                            rows.setdefault(m, {})[seed] = json.loads(run.read_text())
+                        continue
+                    rows.setdefault(m, {})[seed] = run_one(plan, m, student, regime, seed, teachers, out,
+                                                           args.device)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    teacher_rows = []
+    for t in teachers:
+        s = Path(t) / "summary.json"
+        if s.is_file():
+            info = json.loads(s.read_text())
+            import hashlib
+
+            sha = hashlib.sha256((Path(t) / "best.pt").read_bytes()).hexdigest()[:12]
+            teacher_rows.append(f"| {info['model']} | {Path(t).name} | {sha} | {100 * info['test_acc_last']:.2f} |")
+    header = [f"Command: `python benchmarks/kd.py --plan {args.plan} --methods {args.methods} --seeds {args.seeds} "
+              f"--regimes {args.regimes}`, commit {commit}.", "",
+              "| teacher | recipe | best.pt SHA-256 | test acc |", "|---|---|---|---|", *teacher_rows]
+    text = "\n".join(header) + "\n" + table(results, methods, seeds) + "\n"
+    (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
