@@ -242,9 +242,11 @@ class Trainer:
     # -- the loop --------------------------------------------------------------------------------
     def _train_step(self, step: int) -> None:
         t = self.cfg.trainer
-        ctx = StepContext(step=step, max_steps=t.max_steps, steps_per_epoch=self.inputs.steps_per_epoch)
+        lrs = {p.name: o.param_groups[0]["lr"] for p, o in zip(self.phases, self.optimizers)}
+        ctx = StepContext(step=step, max_steps=t.max_steps, steps_per_epoch=self.inputs.steps_per_epoch, lrs=lrs)
         for phase, opt, sched in zip(self.phases, self.optimizers, self.schedulers):
             if step % phase.every:
+                sched.step()  # schedules follow the global step, also for phases that skip it
                 continue
             ctx.phase = phase.name
             opt.zero_grad(set_to_none=True)

@@ -89,6 +89,7 @@ class StepContext:
     phase: str = "main"
     steps_per_epoch: int = 1
     generator: torch.Generator | None = None
+    lrs: dict[str, float] = field(default_factory=dict)  # each phase's current learning rate
 
     @property
     def epoch(self) -> float:

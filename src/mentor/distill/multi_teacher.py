@@ -1,0 +1,222 @@
+"""Multi-teacher KD with per-sample teacher weights: the average, EBKD and CA-MKD.
+
+All three distil ``CE + kd_weight * sum_k w_k * T^2 KL(p_k || p_s)`` with weights that sum to one
+per sample (:mod:`mentor.distill.losses.multi`); they differ in the weights, and CA-MKD adds a
+confidence-weighted intermediate-feature term.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..methods import StepContext, register_method
+from ..models import FeatureTap
+from .base import MultiTeacherConfig, MultiTeacherDistiller
+from .losses.multi import (
+    multi_teacher_feature_loss,
+    multi_teacher_kd_loss,
+    teacher_weights_average,
+    teacher_weights_confidence,
+    teacher_weights_entropy,
+)
+
+
+@dataclass
+class MultiKDConfig(MultiTeacherConfig):
+    """CE 1, KD 1, T = 4: the CA-MKD code's settings (``-r 1 -a 1``, ``--kd_T 4``) for every baseline."""
+
+    kd_weight: float = 1.0
+    temperature: float = 4.0
+
+
+@register_method("avg_mkd")
+class AvgMKD(MultiTeacherDistiller):
+    """Multi-teacher KD with equal weights: the mean of the per-teacher KD losses (the AVERAGE_LOSS
+    baseline of "Confidence-Aware Multi-Teacher Knowledge Distillation", Zhang et al., 2022)."""
+
+    Config = MultiKDConfig
+    kd_scale = 1.0  # CA-MKD's reference 1/K, see CAMKD.divide_by_teachers
+
+    def teacher_weights(self, teacher_logits: Tensor, target: Tensor) -> Tensor:
+        """Per-sample weights of the teachers, ``[K, B]``, summing to one over K."""
+        return teacher_weights_average(*teacher_logits.shape[:2], device=teacher_logits.device)
+
+    def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        x, y = batch["x"], batch["y"]
+        t = self.teacher_logits(x)
+        s = self.student(x)
+        w = self.teacher_weights(t, y)
+        ce = F.cross_entropy(s, y)
+        kd = multi_teacher_kd_loss(s, t, w, self.cfg.temperature) * self.kd_scale
+        out = {"loss": self.cfg.ce_weight * ce + self.cfg.kd_weight * kd, "ce": ce, "kd": kd}
+        out.update({f"w{k}": wk.mean() for k, wk in enumerate(w.detach())})
+        return out
+
+
+@register_method("ebkd")
+class EBKD(AvgMKD):
+    """Entropy-weighted multi-teacher KD: a confident (low-entropy) teacher counts more, per sample
+    (Kwon et al., "Adaptive Knowledge Distillation Based on Entropy", ICASSP 2020). The weights are
+    normalised to sum to one (:func:`~mentor.distill.losses.teacher_weights_entropy`)."""
+
+    def teacher_weights(self, teacher_logits: Tensor, target: Tensor) -> Tensor:
+        return teacher_weights_entropy(teacher_logits)
+
+
+# -- features ---------------------------------------------------------------------------------------
+
+
+def last_map_name(net: nn.Module) -> str:
+    """The module whose output is the last feature map before ``pool`` (``head`` where a zoo net has
+    one, else its last stage)."""
+    if isinstance(getattr(net, "head", None), nn.Module):
+        return "head"
+    stages = getattr(net, "stage_names", None)
+    if not stages:
+        raise ConfigError(f"{type(net).__name__} names no stages (stage_names): feature-based multi-teacher "
+                          "KD needs a zoo network (stem, layer1.., pool, fc)")
+    return stages[-1]
+
+
+class Embed(nn.Sequential):
+    """The student-to-teacher connector of CA-MKD and MMKD: conv1x1 -> BN -> ReLU, or with ``convs`` a
+    bottleneck conv1x1 -> conv3x3 -> conv1x1 (each with BN and ReLU) through ``c_in // factor``."""
+
+    def __init__(self, c_in: int, c_out: int, convs: bool = False, factor: int = 2):
+        def block(a: int, b: int, k: int) -> list[nn.Module]:
+            return [nn.Conv2d(a, b, k, padding=k // 2), nn.BatchNorm2d(b), nn.ReLU()]
+
+        mid = max(1, c_in // factor)
+        super().__init__(*(block(c_in, mid, 1) + block(mid, mid, 3) + block(mid, c_out, 1) if convs
+                           else block(c_in, c_out, 1)))
+
+
+class Embeds(nn.ModuleList):
+    """One :class:`Embed` per teacher; ``forward(list of maps) -> list of maps`` (so that
+    ``torch.func.functional_call`` can run all of them with substituted parameters)."""
+
+    def forward(self, xs: list[Tensor]) -> list[Tensor]:
+        return [m(x) for m, x in zip(self, xs, strict=True)]
+
+
+def resize_to(f: Tensor, size: tuple[int, int]) -> Tensor:
+    """Average-pool down, or bilinearly upsample, a map to ``size`` (CA-MKD's spatial alignment)."""
+    if tuple(f.shape[-2:]) == tuple(size):
+        return f
+    if f.shape[-2] >= size[0]:
+        return F.adaptive_avg_pool2d(f, size)
+    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+
+
+@dataclass
+class FeatureMKDConfig(MultiKDConfig):
+    """``convs``: the 3-conv bottleneck Embed instead of conv1x1 -> BN -> ReLU."""
+
+    feat_weight: float = 50.0
+    convs: bool = False
+
+
+class FeatureMKD(AvgMKD):
+    """Multi-teacher KD that also reads the last feature map (the input of ``pool``) of the student
+    and of every teacher through forward hooks, with one :class:`Embed` per teacher sized in setup."""
+
+    Config = FeatureMKDConfig
+
+    def __init__(self, cfg, student, info):
+        super().__init__(cfg, student, info)
+        self.student_tap = FeatureTap(student, last_map_name(student))
+        self.teacher_taps = [FeatureTap(t, last_map_name(t)) for t in self.teachers]
+
+    def teacher_maps(self) -> list[Tensor]:
+        """Each teacher's map from its latest forward pass (``teacher_logits``)."""
+        return [tap[tap.names[0]] for tap in self.teacher_taps]
+
+    def last_maps(self) -> tuple[Tensor, list[Tensor]]:
+        """The maps of the latest forward passes: (student's, [each teacher's])."""
+        return self.student_tap[self.student_tap.names[0]], self.teacher_maps()
+
+    def setup(self, batch: dict[str, Tensor]) -> None:
+        x = batch["x"][:2]
+        with torch.no_grad():
+            mode = self.student.training
+            self.student.eval()  # shapes only: leave the BN statistics alone
+            self.teacher_logits(x)
+            self.student(x)
+            self.student.train(mode)
+        f_s, f_t = self.last_maps()
+        self.embeds = Embeds([Embed(f_s.shape[1], f.shape[1], self.cfg.convs) for f in f_t]).to(x.device)
+
+
+@dataclass
+class CAMKDConfig(FeatureMKDConfig):
+    """Defaults of the CA-MKD README command (``-r 1 -a 1 -b 50``, ``--distill inter``).
+
+    ``feat_warmup_epochs``: the feature term is off before this epoch (the reference skips epoch 1).
+    ``detach_feature_weights``: stop gradients through the feature weights (see :class:`CAMKD`).
+    ``divide_by_teachers``: keep the reference code's extra 1/K on both distillation terms, the scale
+    its alpha = 1, beta = 50 were tuned for (the paper's equations have no 1/K).
+    """
+
+    feat_warmup_epochs: float = 1.0
+    detach_feature_weights: bool = True
+    divide_by_teachers: bool = True
+
+
+@register_method("camkd")
+class CAMKD(FeatureMKD):
+    """Confidence-Aware Multi-Teacher KD (Zhang et al., "Confidence-Aware Multi-Teacher Knowledge
+    Distillation", ICASSP 2022).
+
+    Logit term: teacher weights ``(1 - softmax_k(CE_k)) / (K - 1)`` from each teacher's CE on the
+    label. Intermediate term: the student's last feature map is resized to teacher k's, mapped by
+    ``Embed_k`` to its channels and matched to its map by MSE; the weights are the same confidence
+    formula applied to the CE of *teacher k's own head* (pool + fc) on the embedded student map.
+
+    The reference code lets gradients flow through those feature weights, so the student can also
+    lower the term by making its embedded map *less* recognisable to the head of the teacher it
+    matches worst (shifting weight away from it). We stop that gradient by default
+    (``detach_feature_weights=True``): the weights then are the confidence estimate the paper
+    describes; ``false`` reproduces the reference.
+    """
+
+    Config = CAMKDConfig
+
+    def __init__(self, cfg, student, info):
+        super().__init__(cfg, student, info)
+        if len(self.teachers) < 2:
+            raise ConfigError("camkd weighs several teachers: method.teachers needs at least two")
+        for path, t in zip(cfg.teachers, self.teachers):
+            if not (isinstance(getattr(t, "pool", None), nn.Module) and isinstance(getattr(t, "fc", None), nn.Module)):
+                raise ConfigError(f"camkd reuses each teacher's head (pool, fc): teacher {path} has none")
+        self.kd_scale = 1.0 / len(self.teachers) if cfg.divide_by_teachers else 1.0
+
+    def teacher_weights(self, teacher_logits: Tensor, target: Tensor) -> Tensor:
+        return teacher_weights_confidence(teacher_logits, target)
+
+    def feature_term(self, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(the weighted feature MSE, its teacher weights ``[K, B]``) of the latest forward pass."""
+        f_s, f_t = self.last_maps()
+        e = self.embeds([resize_to(f_s, f.shape[-2:]) for f in f_t])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.detach_feature_weights):
+            # The embedded student map classified by each frozen teacher's own head.
+            z = torch.stack([t.fc(t.pool(ek)) for t, ek in zip(self.teachers, e)])
+            v = teacher_weights_confidence(z, target)
+        return multi_teacher_feature_loss(e, f_t, v) * self.kd_scale, v
+
+    def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        out = super().training_step(batch, ctx)
+        feat, v = self.feature_term(batch["y"])
+        beta = self.cfg.feat_weight if ctx.epoch >= self.cfg.feat_warmup_epochs else 0.0
+        out["loss"] = out["loss"] + beta * feat
+        out["feat"] = feat
+        out.update({f"v{k}": vk.mean() for k, vk in enumerate(v.detach())})
+        return out
+
+
+__all__ = ["AvgMKD", "CAMKD", "EBKD", "Embed", "Embeds", "FeatureMKD", "MultiKDConfig", "last_map_name",
+           "resize_to"]
