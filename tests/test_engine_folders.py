@@ -35,7 +35,8 @@ def cfg(tree, out, *extra):
 
 
 def losses(run):
-    return [e["loss"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if e["split"] == "train"]
+    events = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [e["loss"] for e in events if e["split"] == "train"]
 
 
 def test_streamed_equals_in_memory(tree, tmp_path):

@@ -3,7 +3,22 @@
 Importing this package registers every distillation method with :data:`mentor.methods.METHODS`.
 """
 
-from . import dkd, kd, losses, mmkd, multi_teacher, online, rld  # noqa: F401  (importing registers the methods)
+from . import (  # noqa: F401  (importing registers the methods)
+    at,
+    crd,
+    dkd,
+    dskd,
+    fitnet,
+    kd,
+    losses,
+    mmkd,
+    multi_teacher,
+    online,
+    rkd,
+    rld,
+    semckd,
+    simkd,
+)
 from .base import DistillConfig, Distiller, MultiTeacherConfig, MultiTeacherDistiller
 from .teacher import TeacherError, load_teacher
 

@@ -1,0 +1,103 @@
+"""DSKD: the teacher's predictions and features supervise the student's shallow stages too.
+
+Luo, Chen & Wang, "Knowledge Distillation with Deep Supervision", IJCNN 2023 (arXiv 2202.07846).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ConfigError
+from ..methods import BuildInfo, StepContext, register_method
+from ..models import FeatureTap
+from ..nn import soft_kl
+from .base import DistillConfig, Distiller
+from .connectors import probe_shapes
+from .losses.crosslayer import dskd_weights, simkd_loss
+from .losses.feature import align_spatial
+from .simkd import bottleneck_projector, feature_stages, prepool_modules
+
+
+@register_method("dskd")
+class DSKD(Distiller):
+    """Deeply-supervised KD (Luo, Chen & Wang, "Knowledge Distillation with Deep Supervision", IJCNN 2023).
+
+    The abstract says DSKD "fully utilizes class predictions and feature maps of the teacher model to
+    supervise the training of shallow student layers" with "a loss-based weight allocation strategy"
+    balancing the shallow layers; the paper's code is not public, so everything below except that
+    outline is a design choice of this library, not the paper's:
+
+    - Design choice: the shallow layers are the student's stages after the stem except the last
+      (``layer1`` .. ``layer{K-1}``); the last stage is supervised by the usual CE + KD on the
+      student's own logits (weights 1 and 1, T = 4, the convention of the authors' group: SimKD,
+      SemCKD).
+    - Design choice: each shallow stage l gets a SimKD branch: its map, average-pooled to the
+      teacher's last feature map when larger, goes through a bottleneck projector (``factor`` 2) to
+      the teacher's last-map width, then through the teacher's frozen pool + fc. The teacher's
+      predictions supervise the branch logits with KL(T) and its last feature map supervises the
+      projected map with MSE: l_l = KL_T(teacher || branch_l) + ``feat_weight`` * MSE_l. Using the
+      teacher's last map (not the stage of the same depth) keeps one projector per shallow stage and
+      makes the projected map a valid input of the reused classifier.
+    - Design choice: the layer weights are w = softmax(-l / ``weight_temperature``) over the
+      detached per-layer losses (:func:`~mentor.distill.losses.dskd_weights`): they sum to one and
+      favour the layers that currently fit the teacher better, so a very shallow stage with a large
+      loss cannot dominate the gradient of the features the deeper stages build on.
+    - Total: ``ce_weight * CE + kd_weight * KD + ds_weight * sum_l w_l * l_l``. The branches are
+      training-only: :meth:`deployable` is the plain student.
+    """
+
+    @dataclass
+    class Config(DistillConfig):
+        kd_weight: float = 1.0
+        temperature: float = 4.0
+        ds_weight: float = 1.0
+        feat_weight: float = 1.0
+        weight_temperature: float = 1.0
+        factor: int = 2
+
+    def __init__(self, cfg: Config, student: nn.Module, info: BuildInfo):
+        super().__init__(cfg, student, info)
+        self.shallow = feature_stages(student, "student")[1:-1]
+        if not self.shallow:
+            raise ConfigError(f"dskd: the student {type(student).__name__} has no shallow stage between its stem "
+                              "and its last stage to supervise; use a network with at least two stages")
+        self.t_name = prepool_modules(self.teacher, "teacher")[-1]
+        self.s_tap = FeatureTap(student, self.shallow)
+        self.t_tap = FeatureTap(self.teacher, self.t_name)
+
+    def setup(self, batch: dict[str, Tensor]) -> None:
+        x = batch["x"]
+        s_shapes = probe_shapes(self.student, self.s_tap, x)
+        c_t = probe_shapes(self.teacher, self.t_tap, x)[self.t_name][1]
+        self.projectors = nn.ModuleList(
+            bottleneck_projector(s_shapes[n][1], c_t, self.cfg.factor) for n in self.shallow).to(x.device)
+
+    def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
+        x, y = batch["x"], batch["y"]
+        c = self.cfg
+        with torch.no_grad():
+            t_logits = self.teacher(x)
+        f_t = self.t_tap[self.t_name]
+        logits = self.student(x)
+        per_layer = []
+        for name, proj in zip(self.shallow, self.projectors):
+            f_s, target = align_spatial(self.s_tap[name], f_t)
+            h = proj(f_s)
+            branch = self.teacher.fc(self.teacher.pool(h))
+            per_layer.append(soft_kl(branch, t_logits, c.temperature) + c.feat_weight * simkd_loss(h, target))
+        layer_losses = torch.stack(per_layer)
+        w = dskd_weights(layer_losses, c.weight_temperature)
+        ds = (w * layer_losses).sum()
+        ce = F.cross_entropy(logits.float(), y)
+        kd = soft_kl(logits, t_logits, c.temperature)
+        loss = c.ce_weight * ce + c.kd_weight * kd + c.ds_weight * ds
+        out = {"loss": loss, "ce": ce, "kd": kd, "ds": ds,
+               "train_acc": (logits.detach().argmax(1) == y).float().mean()}
+        for i, name in enumerate(self.shallow):
+            out[f"ds_{name}"] = layer_losses[i].detach()
+            out[f"w_{name}"] = w[i]
+        return out
