@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import statistics
@@ -60,10 +61,14 @@ PLANS = {
 }
 
 
-def teacher_dirs(plan: dict, out: Path, device: str) -> list[str]:
-    """Train each teacher by its recipe (unless finished) and return the run directories."""
+def needs_all_teachers(methods: list[str]) -> bool:
+    return any("teachers" in {f.name for f in dataclasses.fields(METHODS.get(m).Config)} for m in methods)
+
+
+def teacher_dirs(plan: dict, out: Path, device: str, count: int) -> list[str]:
+    """Train the first ``count`` teachers by their recipes (unless finished); their run directories."""
     dirs = []
-    for recipe in plan["teachers"]:
+    for recipe in plan["teachers"][:count]:
         run = out / "teachers" / Path(recipe).stem
         if not (run / "summary.json").is_file():
             train(load_config(ROOT / recipe, [f"out_dir={run}", f"trainer.device={device}", "trainer.progress=false"]))
@@ -166,9 +171,11 @@ def main() -> None:
         sys.exit(f"unknown methods {unknown}; registered: {', '.join(METHODS.names())}")
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out) / args.plan
-    teachers = [] if args.report_only else teacher_dirs(plan, out, args.device)
+    count = len(plan["teachers"]) if needs_all_teachers(methods) else 1
     if args.report_only:
-        teachers = [str(out / "teachers" / Path(r).stem) for r in plan["teachers"]]
+        teachers = [str(out / "teachers" / Path(r).stem) for r in plan["teachers"][:count]]
+    else:
+        teachers = teacher_dirs(plan, out, args.device, count)
     results: dict = {}
     for regime in args.regimes.split(","):
         for student in plan["students"]:
@@ -189,8 +196,6 @@ def main() -> None:
         s = Path(t) / "summary.json"
         if s.is_file():
             info = json.loads(s.read_text())
-            import hashlib
-
             sha = hashlib.sha256((Path(t) / "best.pt").read_bytes()).hexdigest()[:12]
             teacher_rows.append(f"| {info['model']} | {Path(t).name} | {sha} | {100 * info['test_acc_last']:.2f} |")
     header = [f"Command: `python benchmarks/kd.py --plan {args.plan} --methods {args.methods} --seeds {args.seeds} "
