@@ -20,6 +20,7 @@ from ..nn import soft_kl
 from .base import DistillConfig, Distiller
 from .connectors import probe_shapes
 from .losses.crosslayer import simkd_loss
+from .losses.feature import pool_to
 
 
 def feature_stages(model: nn.Module, role: str) -> tuple[str, ...]:
@@ -39,10 +40,6 @@ def prepool_modules(model: nn.Module, role: str) -> list[str]:
     if isinstance(getattr(model, "head", None), nn.Module):
         names.append("head")
     return names
-
-
-def pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
 
 
 def bottleneck_projector(c_in: int, c_out: int, factor: int = 2) -> nn.Sequential:

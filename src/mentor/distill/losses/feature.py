@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["align_spatial", "at_loss", "attention_map", "hint_loss", "rkd_angle_loss", "rkd_distance_loss"]
+__all__ = ["align_spatial", "at_loss", "attention_map", "hint_loss", "pool_to", "rkd_angle_loss", "rkd_distance_loss"]
 
 
 def align_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -24,11 +24,12 @@ def align_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     if a.dim() != 4 or b.dim() != 4:
         raise ValueError(f"align_spatial: expected two [B, C, H, W] maps, got {tuple(a.shape)} and {tuple(b.shape)}")
     size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
-    return _pool_to(a, size), _pool_to(b, size)
+    return pool_to(a, size), pool_to(b, size)
 
 
-def _pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
-    return x if tuple(x.shape[-2:]) == size else F.adaptive_avg_pool2d(x, size)
+def pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Average-pool a feature map to spatial ``size`` (unchanged when it already has it)."""
+    return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
 
 
 def hint_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
