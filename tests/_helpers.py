@@ -80,3 +80,26 @@ if "test_two_phase" not in METHODS:
             if ctx.phase == "aux":
                 logits = self.head(logits.detach())
             return {"loss": F.cross_entropy(logits, batch["y"])}
+
+
+if "test_scored" not in METHODS:
+
+    @register_method("test_scored")
+    class Scored(Method):
+        """Cross-entropy training, reported by a lower-is-better number of its own (the mean CE)."""
+
+        select = ("ce", "min")
+
+        @dataclass
+        class Config(MethodConfig):
+            pass
+
+        def training_step(self, batch, ctx):
+            return {"loss": F.cross_entropy(self.student(batch["x"]), batch["y"])}
+
+        @torch.no_grad()
+        def score(self, net, split, ev):
+            total = torch.zeros((), device=ev.device)
+            for x, y in ev.batches(split):
+                total += F.cross_entropy(ev.run(net, x).float(), y, reduction="sum")
+            return {"ce": ev.total(total).item() / len(split)}

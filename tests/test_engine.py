@@ -219,3 +219,17 @@ def test_compile_and_channels_last(tmp_path):
     summary = train(digits_cfg(tmp_path, "trainer.compile=true", "trainer.channels_last=true",
                                "trainer.max_steps=4"))
     assert 0.0 <= summary["test_acc_last"] <= 1.0
+
+
+def test_a_method_reports_and_selects_by_its_own_score(tmp_path):
+    # A method that is not a classifier (a diffusion denoiser) reports its own numbers; best.pt
+    # follows its chosen metric, here a lower-is-better one.
+    summary = train(digits_cfg(tmp_path, "method.name=test_scored", "model.name=test_mlp", "trainer.eval_every=3"))
+    events = [e for e in read_jsonl(tmp_path / "run" / "metrics.jsonl") if e["split"] == "val"]
+    values = {e["step"]: e["val_ce"] for e in events}
+    best_step = min(values, key=values.get)
+    assert summary["select"] == "val_ce" and summary["best_step"] == best_step
+    assert summary["val_ce_best"] == pytest.approx(values[best_step])
+    assert "test_ce_last" in summary and "test_ce_best" in summary and "test_acc_last" not in summary
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["step"] == best_step

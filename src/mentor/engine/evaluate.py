@@ -1,8 +1,9 @@
-"""Accuracy of a network on an in-memory split, on the device, sharded across ranks."""
+"""Evaluation of a network on an in-memory split, on the device, sharded across ranks."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -10,28 +11,58 @@ from torch import Tensor
 from .distributed import Dist, all_reduce_sum
 
 
-@torch.no_grad()
+@dataclass
+class Evaluator:
+    """What a method's ``score`` needs to read a split: normalisation, batch size, device, ranks.
+
+    ``batches(split)`` yields this rank's share as normalised images and labels on the device;
+    ``accuracy(net, split)`` is top-1 accuracy over all ranks with one host synchronisation.
+    """
+
+    mean: Tensor
+    std: Tensor
+    batch_size: int
+    device: torch.device
+    dist: Dist = field(default_factory=Dist)
+    autocast: Callable | None = None
+    channels_last: bool = False
+
+    def batches(self, split) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in split.batches(self.batch_size, self.dist.rank, self.dist.world_size):
+            x = images.to(self.device, non_blocking=True).float().div_(255.0)
+            x = (x - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, labels.to(self.device, non_blocking=True)
+
+    def run(self, net: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """``net(x)`` under the run's autocast."""
+        if self.autocast is None:
+            return net(x)
+        with self.autocast():
+            return net(x)
+
+    def total(self, value: Tensor) -> Tensor:
+        """A device tensor summed over ranks."""
+        return all_reduce_sum(value, self.dist)
+
+    @torch.no_grad()
+    def accuracy(self, net: Callable[[Tensor], Tensor], split) -> float:
+        """Top-1 accuracy in [0, 1] of ``net`` on ``split``; an empty split gives nan."""
+        n = len(split)
+        if n == 0:
+            return float("nan")
+        correct = torch.zeros((), dtype=torch.long, device=self.device)
+        for x, y in self.batches(split):
+            correct += (self.run(net, x).argmax(1) == y).sum()
+        return self.total(correct).item() / n
+
+
 def accuracy(predict: Callable[[Tensor], Tensor], split, mean: Tensor, std: Tensor, batch_size: int,
              device: torch.device, dist: Dist | None = None, autocast: Callable | None = None,
              channels_last: bool = False) -> float:
     """Top-1 accuracy in [0, 1] of ``predict`` on a split (anything with ``batches()`` and ``len()``:
     an ArrayDataset or a streamed FolderSplit), this rank's share, summed over ranks; one host
     synchronisation at the end. Empty split -> nan."""
-    dist = dist or Dist()
-    n = len(split)
-    if n == 0:
-        return float("nan")
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    for images, labels in split.batches(batch_size, dist.rank, dist.world_size):
-        x = images.to(device, non_blocking=True).float().div_(255.0)
-        x = (x - mean) / std
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = labels.to(device, non_blocking=True)
-        if autocast is not None:
-            with autocast():
-                logits = predict(x)
-        else:
-            logits = predict(x)
-        correct += (logits.argmax(1) == y).sum()
-    return all_reduce_sum(correct, dist).item() / n
+    ev = Evaluator(mean, std, batch_size, device, dist or Dist(), autocast, channels_last)
+    return ev.accuracy(predict, split)

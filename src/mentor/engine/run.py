@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import ConfigError, load_config
 from . import checkpoint as ckpt
-from .evaluate import accuracy
+from .evaluate import Evaluator
 from .inputs import TrainInputs, load_splits, stat_tensors
 from .trainer import autocast_for, build_method, resolve_device
 
@@ -51,13 +51,14 @@ def load_run(path: str | Path, device: str = "auto"):
 
 
 def evaluate_run(path: str | Path, device: str = "auto") -> dict[str, Any]:
-    """Validation and test accuracy of a run's checkpoint (best.pt by default)."""
+    """The method's validation and test numbers (accuracy for classifiers) of a run's checkpoint
+    (best.pt by default)."""
     cfg, method, splits, file, step = load_run(path, device)
     dev = resolve_device(device)
     mean, std = stat_tensors(splits.train, dev)
-    amp = autocast_for(dev, cfg.trainer.precision)
+    ev = Evaluator(mean, std, cfg.data.eval_batch_size, dev, autocast=autocast_for(dev, cfg.trainer.precision))
     out: dict[str, Any] = {"checkpoint": str(file), "step": step}
-    for name, split in (("val_acc", splits.val), ("test_acc", splits.test)):
-        out[name] = accuracy(method.predict, split, mean, std, cfg.data.eval_batch_size, dev, autocast=amp)
+    for prefix, split in (("val", splits.val), ("test", splits.test)):
+        out.update({f"{prefix}_{k}": v for k, v in method.score(method.deployable(), split, ev).items()})
     out["params"] = sum(p.numel() for p in method.deployable().parameters())
     return out

@@ -29,7 +29,7 @@ from ..models import create_model
 from . import checkpoint as ckpt
 from .distributed import Dist, barrier, init_distributed, shutdown
 from .ema import EMA
-from .evaluate import accuracy
+from .evaluate import Evaluator
 from .inputs import Splits, TrainInputs, load_splits
 from .logger import RunLogger, format_duration, log, truncate_metrics
 from .meter import Meter, NonFiniteLossError
@@ -76,7 +76,8 @@ def build_method(cfg: RunConfig, splits: Splits, device: torch.device, steps_per
     channels, _, width = train.image_shape
     info = BuildInfo(num_classes=train.num_classes, in_channels=channels, image_size=width,
                      train_size=len(train),
-                     max_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, device=str(device))
+                     max_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, device=str(device),
+                     mean=tuple(float(m) for m in train.mean), std=tuple(float(v) for v in train.std))
     student = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
                            **cfg.model.kwargs)
     return METHODS.get(cfg.method.name)(cfg.method, student, info)
@@ -127,7 +128,8 @@ class Trainer:
         self.step_module: nn.Module = self._wrap_ddp()
 
         self.start_step = 0
-        self.best = {"val_acc": -1.0, "step": -1}
+        self.metric, self.mode = method_cls.select
+        self.best = {"value": None, "step": -1}
         self.history_wall = 0.0
         self.meter = Meter(self.dist, prefix_phases=len(self.phases) > 1)
 
@@ -217,22 +219,33 @@ class Trainer:
         return self.meter.read()
 
     # -- evaluation ------------------------------------------------------------------------------
-    def _accuracy(self, predict, split) -> float:
-        mean, std = self.inputs.mean, self.inputs.std
-        return accuracy(predict, split, mean, std, self.cfg.data.eval_batch_size, self.device, self.dist,
-                        self.autocast, self.cfg.trainer.channels_last)
+    def evaluator(self) -> Evaluator:
+        return Evaluator(self.inputs.mean, self.inputs.std, self.cfg.data.eval_batch_size, self.device, self.dist,
+                         self.autocast, self.cfg.trainer.channels_last)
+
+    def _score(self, net: nn.Module, split, prefix: str, suffix: str = "") -> dict[str, float]:
+        """The method's numbers of ``net`` on ``split`` as ``<prefix><key><suffix>``."""
+        return {f"{prefix}{k}{suffix}": v for k, v in self.method.score(net, split, self.evaluator()).items()}
+
+    def _better(self, value: float) -> bool:
+        best = self.best["value"]
+        if math.isnan(value):
+            return False
+        return best is None or (value > best if self.mode == "max" else value < best)
 
     def evaluate(self, step: int, logger: RunLogger) -> None:
         self.method.eval()
-        vals = {"val_acc": self._accuracy(self.method.predict, self.splits.val)}
+        val = self.splits.val
+        vals = self._score(self.method.deployable(), val, "val_")
         for name, net in self.method.eval_heads().items():
-            vals[f"val_acc_{name}"] = self._accuracy(net, self.splits.val)
+            vals.update(self._score(net, val, "val_", f"_{name}"))
         if self.ema is not None:
-            vals["val_acc_ema"] = self._accuracy(self.ema, self.splits.val)
+            vals.update(self._score(self.ema.module, val, "val_", "_ema"))
         self.method.train()
         logger.eval(step, vals)
-        if vals["val_acc"] > self.best["val_acc"]:
-            self.best = {"val_acc": vals["val_acc"], "step": step}
+        value = vals[f"val_{self.metric}"]
+        if self._better(value):
+            self.best = {"value": value, "step": step}
             if self.is_main:
                 ckpt.atomic_save({"step": step, "model": self.method.deployable().state_dict(),
                                   "ema": self.ema.module.state_dict() if self.ema else None,
@@ -331,26 +344,29 @@ class Trainer:
             "student_params": sum(p.numel() for p in self.method.student.parameters()),
             "trainable_params": sum(p.numel() for p in self.method.parameters() if p.requires_grad),
             "steps": self.cfg.trainer.max_steps,
-            "val_acc_last": self.last_val.get("val_acc", float("nan")),
-            "val_acc_best": self.best["val_acc"],
+            "select": f"val_{self.metric}",
+            f"val_{self.metric}_last": self.last_val.get(f"val_{self.metric}", float("nan")),
+            f"val_{self.metric}_best": self.best["value"] if self.best["value"] is not None else float("nan"),
             "best_step": self.best["step"],
-            "test_acc_last": self._accuracy(self.method.predict, test),
         }
+        out.update(self._score(self.method.deployable(), test, "test_", "_last"))
         best_path = self.run_dir / "best.pt"
         barrier(self.dist)
         if self.best["step"] == self.cfg.trainer.max_steps:
-            out["test_acc_best"] = out["test_acc_last"]  # the same weights: read the test set once
+            # the same weights: read the test set once
+            out.update({k.replace("_last", "_best"): v for k, v in list(out.items())
+                        if k.startswith("test_") and k.endswith("_last")})
         elif best_path.exists():
             state = ckpt.load(best_path, map_location=self.device)
             net = copy.deepcopy(self.method.deployable())
             net.load_state_dict(state["model"])
             net.eval()
-            out["test_acc_best"] = self._accuracy(net, test)
+            out.update(self._score(net, test, "test_", "_best"))
         for name, net in self.method.eval_heads().items():
-            out[f"test_acc_last_{name}"] = self._accuracy(net, test)
+            out.update(self._score(net, test, "test_", f"_last_{name}"))
         if self.ema is not None:
-            out["val_acc_ema_last"] = self.last_val.get("val_acc_ema", float("nan"))
-            out["test_acc_ema_last"] = self._accuracy(self.ema, test)
+            out.update({f"{k}_last": v for k, v in self.last_val.items() if k.endswith("_ema")})
+            out.update(self._score(self.ema.module, test, "test_", "_ema_last"))
         out["wall_s"] = self.history_wall + (time.perf_counter() - self._t0)
         out["train_img_s"] = images / train_time if train_time > 0 else float("nan")
         out["device"] = hardware_name(self.device)
@@ -358,8 +374,9 @@ class Trainer:
         out["torch"] = str(torch.__version__)
         out["world_size"] = self.dist.world_size
         if self.is_main:
-            log.info(f"done in {format_duration(out['wall_s'])}: test acc {out['test_acc_last']:.4f} (last), "
-                     f"{out.get('test_acc_best', math.nan):.4f} (best val @ {self.best['step']})")
+            m = self.metric
+            log.info(f"done in {format_duration(out['wall_s'])}: test {m} {out[f'test_{m}_last']:.4f} (last), "
+                     f"{out.get(f'test_{m}_best', math.nan):.4f} (best val @ {self.best['step']})")
         return out
 
 

@@ -9,7 +9,10 @@ A method is an ``nn.Module`` that owns the student, its teacher(s) and any extra
   delivers ``batch["x"]`` = the first view, ``batch["x_<view>"]`` for each view, ``batch["y"]``
   labels and ``batch["index"]`` the positions of the images in the training split;
 - ``training_step(batch, ctx) -> dict[str, Tensor]`` with ``"loss"`` and every term by name;
-- ``predict(x)`` and ``deployable()``: the network a user ships.
+- ``predict(x)`` and ``deployable()``: the network a user ships;
+- ``score(net, split, ev)`` and ``select``: the numbers reported on the validation and test splits
+  (top-1 accuracy as ``acc`` by default) and the one that picks ``best.pt``. A method whose networks
+  are not classifiers (a diffusion denoiser) reports its own numbers here.
 
 Methods with several optimizers or phases (a generator against a student, a bilevel meta-step every
 k steps) override :meth:`Method.phases`. The engine builds one optimizer per phase, and on each step
@@ -65,6 +68,8 @@ class BuildInfo:
     max_steps: int = 0
     steps_per_epoch: int = 0
     device: str = "cpu"
+    mean: tuple[float, ...] = ()  # per-channel statistics the engine normalises inputs with
+    std: tuple[float, ...] = ()
 
 
 @dataclass
@@ -102,6 +107,8 @@ class Method(nn.Module):
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     views: ClassVar[tuple[str, ...]] = ("train",)
     method_name: ClassVar[str] = ""
+    #: the validation number (a key of ``score``) that picks ``best.pt``, and "max" or "min"
+    select: ClassVar[tuple[str, str]] = ("acc", "max")
 
     def __init__(self, cfg: MethodConfig, student: nn.Module, info: BuildInfo):
         super().__init__()
@@ -127,6 +134,12 @@ class Method(nn.Module):
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         return self.deployable()(x)
+
+    def score(self, net: nn.Module, split, ev) -> dict[str, float]:
+        """Numbers of ``net`` (the deployable, a head, or the EMA copy) on a split, read with the
+        engine's :class:`~mentor.engine.evaluate.Evaluator`; reported as ``val_<key>`` and
+        ``test_<key>_last`` / ``test_<key>_best``. By default top-1 accuracy."""
+        return {"acc": ev.accuracy(net, split)}
 
     def eval_heads(self) -> dict[str, nn.Module]:
         """Networks evaluated beside ``predict`` and reported as ``val_acc_<name>`` (e.g. every peer
