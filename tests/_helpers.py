@@ -103,3 +103,18 @@ if "test_scored" not in METHODS:
             for x, y in ev.batches(split):
                 total += F.cross_entropy(ev.run(net, x).float(), y, reduction="sum")
             return {"ce": ev.total(total).item() / len(split)}
+
+
+if "test_item_step" not in METHODS:
+
+    @register_method("test_item_step")
+    class ItemStep(Method):
+        """Cross-entropy whose step reads a value back to the host (not capturable in a CUDA graph)."""
+
+        @dataclass
+        class Config(MethodConfig):
+            pass
+
+        def training_step(self, batch, ctx):
+            ce = F.cross_entropy(self.student(batch["x"]), batch["y"])
+            return {"loss": ce * (2.0 if ce.item() > 100 else 1.0)}

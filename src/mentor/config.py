@@ -110,6 +110,7 @@ class TrainerConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = False
     compile: bool = False
+    cuda_graph: bool = False  # capture the whole step once and replay it (CUDA; see engine.graph)
     accumulate: int = 1
     clip_grad: float | None = None
     ema: float | None = None

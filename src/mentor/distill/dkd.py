@@ -12,7 +12,7 @@ from .kd import KD
 from .losses.logit import dkd_loss
 
 
-def warmup_factor(ctx: StepContext, warmup_epochs: float) -> float:
+def warmup_factor(ctx: StepContext, warmup_epochs: float) -> float | Tensor:
     """Linear warm-up of the distillation terms over ``warmup_epochs`` epochs, per step, in (0, 1].
 
     ``min((step + 1) / (warmup_epochs * steps_per_epoch), 1)``. The reference (mdistiller) uses
@@ -22,7 +22,11 @@ def warmup_factor(ctx: StepContext, warmup_epochs: float) -> float:
     1 at the last step of epoch W (one epoch later than the reference's constant-per-epoch ramp).
     """
     span = warmup_epochs * ctx.steps_per_epoch
-    return 1.0 if span <= 0 else min((ctx.step + 1) / span, 1.0)
+    if span <= 0:
+        return 1.0
+    if isinstance(ctx.step, Tensor):  # a captured step: computed on the device
+        return ((ctx.step + 1) / span).clamp(max=1.0)
+    return min((ctx.step + 1) / span, 1.0)
 
 
 @register_method("dkd")

@@ -211,7 +211,10 @@ class CAMKD(FeatureMKD):
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         out = super().training_step(batch, ctx)
         feat, v = self.feature_term(batch["y"])
-        beta = self.cfg.feat_weight if ctx.epoch >= self.cfg.feat_warmup_epochs else 0.0
+        if isinstance(ctx.epoch, Tensor):  # a captured step: computed on the device
+            beta = self.cfg.feat_weight * (ctx.epoch >= self.cfg.feat_warmup_epochs).float()
+        else:
+            beta = self.cfg.feat_weight if ctx.epoch >= self.cfg.feat_warmup_epochs else 0.0
         out["loss"] = out["loss"] + beta * feat
         out["feat"] = feat
         out.update({f"v{k}": vk.mean() for k, vk in enumerate(v.detach())})

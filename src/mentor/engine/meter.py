@@ -35,7 +35,8 @@ class Meter:
         self.prefix = prefix_phases
         self.phases: dict[str, _Terms] = {}
 
-    def add(self, phase: str, out: dict[str, Tensor], step: int) -> None:
+    def add(self, phase: str, out: dict[str, Tensor], step: int | Tensor) -> None:
+        """Add one step's terms; ``step`` may be a device tensor (a captured step)."""
         terms = self.phases.get(phase)
         first = next(iter(out.values()))
         if terms is None:
@@ -45,8 +46,12 @@ class Meter:
                                f"earlier {sorted(terms.names)}: a method must return the same terms every step")
         values = torch.stack([out[k].detach().float().reshape(()) for k in terms.names])
         terms.sum += values
-        terms.bad_step = torch.where(~torch.isfinite(values) & (terms.bad_step < 0), step, terms.bad_step)
+        terms.bad_step.copy_(torch.where(~torch.isfinite(values) & (terms.bad_step < 0), step, terms.bad_step))
         terms.count += 1
+
+    def tick(self, phase: str) -> None:
+        """Count one more step of ``phase`` whose sums a replayed CUDA graph added on the device."""
+        self.phases[phase].count += 1
 
     def _name(self, phase: str, term: str) -> str:
         return f"{phase}/{term}" if self.prefix else term

@@ -30,10 +30,11 @@ from . import checkpoint as ckpt
 from .distributed import Dist, barrier, init_distributed, shutdown
 from .ema import EMA
 from .evaluate import Evaluator
+from .graph import GraphStep, check_capturable
 from .inputs import Splits, TrainInputs, load_splits
 from .logger import RunLogger, format_duration, log, truncate_metrics
 from .meter import Meter, NonFiniteLossError
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, device_lr
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -62,12 +63,15 @@ def hardware_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def autocast_for(device: torch.device, precision: str):
-    """A context factory: bf16 autocast on CUDA by default, fp32 elsewhere unless asked."""
+def autocast_for(device: torch.device, precision: str, cache: bool = True):
+    """A context factory: bf16 autocast on CUDA by default, fp32 elsewhere unless asked.
+
+    ``cache=False`` for a step captured in a CUDA graph (autocast's weight-cast cache must not
+    outlive the capture)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def build_method(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> Method:
@@ -98,7 +102,7 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.dist = init_distributed("cuda" if resolve_device(t.device).type == "cuda" else "cpu")
         self.device = resolve_device(t.device, self.dist)
-        self.autocast = autocast_for(self.device, t.precision)
+        self.autocast = autocast_for(self.device, t.precision, cache=not t.cuda_graph)
         self.run_dir = Path(cfg.out_dir)
         torch.manual_seed(t.seed + self.dist.rank)
 
@@ -118,7 +122,10 @@ class Trainer:
         torch.manual_seed(t.seed + self.dist.rank)
 
         self.phases = self.method.phases()
-        self.optimizers = [build_optimizer(p.params, cfg.optim, p.optim) for p in self.phases]
+        if t.cuda_graph:
+            check_capturable(self.device, self.dist.enabled, t.accumulate, self.phases)
+        self.optimizers = [build_optimizer(p.params, cfg.optim, p.optim, capturable=t.cuda_graph)
+                           for p in self.phases]
         self.schedulers = [build_scheduler(o, cfg.schedule, t.max_steps, o.param_groups[0]["lr"])
                            for o in self.optimizers]
         self.ema = EMA(self.method.deployable(), t.ema).to(self.device) if t.ema else None
@@ -126,6 +133,13 @@ class Trainer:
             for _, child in self.method.named_children():
                 child.compile()
         self.step_module: nn.Module = self._wrap_ddp()
+        self.graph = None
+        if t.cuda_graph:
+            for o in self.optimizers:
+                device_lr(o, self.device)
+            torch.backends.cudnn.benchmark = True  # shapes are fixed: let cuDNN time its algorithms once
+            self.graph = GraphStep(self._step_body, self.inputs, self._after_captured_step, self.device,
+                                   name=cfg.method.name)
 
         self.start_step = 0
         self.metric, self.mode = method_cls.select
@@ -254,18 +268,30 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def _train_step(self, step: int) -> None:
+        if self.graph is not None:
+            self.graph(step)
+            return
+        acc = self.cfg.trainer.accumulate
+        self._step_body(step, lambda micro: self.inputs(step * acc + micro))
+        for sched in self.schedulers:
+            sched.step()  # schedules follow the global step, also for phases that skip it
+
+    def _step_body(self, step: int | Tensor, batches) -> None:
+        """Every phase due at ``step``: forward, backward, clipping, optimizer step; then the EMA.
+
+        ``batches`` is a batch (captured steps) or a function of the micro-batch index. Nothing here
+        reads a value back to the host, so the body can be captured in a CUDA graph."""
         t = self.cfg.trainer
         lrs = {p.name: o.param_groups[0]["lr"] for p, o in zip(self.phases, self.optimizers)}
         ctx = StepContext(step=step, max_steps=t.max_steps, steps_per_epoch=self.inputs.steps_per_epoch, lrs=lrs)
-        for phase, opt, sched in zip(self.phases, self.optimizers, self.schedulers):
-            if step % phase.every:
-                sched.step()  # schedules follow the global step, also for phases that skip it
+        for phase, opt in zip(self.phases, self.optimizers):
+            if isinstance(step, int) and step % phase.every:
                 continue
             ctx.phase = phase.name
             opt.zero_grad(set_to_none=True)
             out: dict[str, Tensor] = {}
             for micro in range(t.accumulate):
-                batch = self.inputs(step * t.accumulate + micro)
+                batch = batches(micro) if callable(batches) else batches
                 last = micro == t.accumulate - 1
                 sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.step_module.no_sync()
                 with sync:
@@ -275,10 +301,17 @@ class Trainer:
             if t.clip_grad:
                 torch.nn.utils.clip_grad_norm_(phase.params, t.clip_grad, foreach=True)
             opt.step()
-            sched.step()
             self.meter.add(phase.name, out, step)
         if self.ema is not None:
             self.ema.update(self.method.deployable())
+
+    def _after_captured_step(self, step: int, replayed: bool) -> None:
+        """Host-side end of a step run by :class:`GraphStep`: counters and schedules."""
+        if replayed:
+            for phase in self.phases:
+                self.meter.tick(phase.name)
+        for sched in self.schedulers:
+            sched.step()
 
     def fit(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.trainer
@@ -318,7 +351,7 @@ class Trainer:
                     if boundary:
                         rate = (done - steps_mark) * global_batch / max(now - t_mark, 1e-9)
                         eta = (t.max_steps - done) * global_batch / max(rate, 1e-9)
-                        lr = self.optimizers[0].param_groups[0]["lr"]
+                        lr = float(self.optimizers[0].param_groups[0]["lr"])
                         logger.train(done, values, lr, rate, eta)
                     if do_eval:
                         self.evaluate(done, logger)

@@ -87,9 +87,14 @@ class Phase:
 
 @dataclass
 class StepContext:
-    """What a training step may know besides its batch."""
+    """What a training step may know besides its batch.
 
-    step: int
+    In a step captured as a CUDA graph (``trainer.cuda_graph``) ``step`` (and so ``epoch``) is a
+    0-d device tensor that changes between replays: compute step-dependent weights with tensor
+    operations (``torch.clamp``, comparisons), never with Python ``min``/``if`` on them.
+    """
+
+    step: int | Tensor
     max_steps: int
     phase: str = "main"
     steps_per_epoch: int = 1
@@ -97,7 +102,7 @@ class StepContext:
     lrs: dict[str, float] = field(default_factory=dict)  # each phase's current learning rate
 
     @property
-    def epoch(self) -> float:
+    def epoch(self) -> float | Tensor:
         return self.step / max(1, self.steps_per_epoch)
 
 

@@ -27,7 +27,7 @@ def _stack(logits: Tensor | Sequence[Tensor]) -> Tensor:
     return logits if isinstance(logits, Tensor) else torch.stack(list(logits))
 
 
-def rampup(epoch: float, length: float) -> float:
+def rampup(epoch: float | Tensor, length: float) -> float | Tensor:
     """The sigmoid-shaped ramp-up exp(-5 (1 - min(e, L) / L)^2) of the consistency weight.
 
     OKDDip (``--length 80``, after Laine & Aila's temporal ensembling) ramps the distillation weight
@@ -37,6 +37,9 @@ def rampup(epoch: float, length: float) -> float:
     """
     if length <= 0:
         return 1.0
+    if isinstance(epoch, Tensor):  # a captured step: computed on the device
+        phase = 1.0 - epoch.clamp(0.0, length) / length
+        return torch.exp(-5.0 * phase * phase)
     phase = 1.0 - min(max(epoch, 0.0), length) / length
     return math.exp(-5.0 * phase * phase)
 
