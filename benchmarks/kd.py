@@ -67,13 +67,15 @@ def needs_all_teachers(methods: list[str]) -> bool:
     return any("teachers" in {f.name for f in dataclasses.fields(METHODS.get(m).Config)} for m in methods)
 
 
-def teacher_dirs(plan: dict, out: Path, device: str, count: int) -> list[str]:
+def teacher_dirs(plan: dict, out: Path, device: str, count: int, threads: int | None = None) -> list[str]:
     """Train the first ``count`` teachers by their recipes (unless finished); their run directories."""
     dirs = []
     for recipe in plan["teachers"][:count]:
         run = out / "teachers" / Path(recipe).stem
         if not (run / "summary.json").is_file():
-            train(load_config(ROOT / recipe, [f"out_dir={run}", f"trainer.device={device}", "trainer.progress=false"]))
+            extra = [f"trainer.threads={threads}"] if threads else []
+            train(load_config(ROOT / recipe, [f"out_dir={run}", f"trainer.device={device}", "trainer.progress=false",
+                                              *extra]))
         dirs.append(str(run))
     return dirs
 
@@ -101,7 +103,7 @@ def method_overrides(name: str, teachers: list[str], epochs: float) -> list[str]
 
 
 def run_one(plan: dict, method: str, student: str, regime: str, seed: int, teachers: list[str], out: Path,
-            device: str) -> dict:
+            device: str, threads: int | None = None) -> dict:
     run = out / regime / student / method / f"seed{seed}"
     summary = run / "summary.json"
     if summary.is_file():
@@ -117,6 +119,8 @@ def run_one(plan: dict, method: str, student: str, regime: str, seed: int, teach
         *method_overrides(method, teachers, epochs),
     ]
     overrides.append(f"data.subset={subset if subset is not None else 'null'}")
+    if threads:
+        overrides.append(f"trainer.threads={threads}")
     return train(load_config(ROOT / plan["student_recipe"], overrides))
 
 
@@ -169,6 +173,7 @@ def main() -> None:
     p.add_argument("--regimes", default="full,low")
     p.add_argument("--out", default="runs/bench/kd")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     plan = PLANS[args.plan]
@@ -182,7 +187,7 @@ def main() -> None:
     if args.report_only:
         teachers = [str(out / "teachers" / Path(r).stem) for r in plan["teachers"][:count]]
     else:
-        teachers = teacher_dirs(plan, out, args.device, count)
+        teachers = teacher_dirs(plan, out, args.device, count, args.threads)
     results: dict = {}
     for regime in args.regimes.split(","):
         for student in plan["students"]:
@@ -195,7 +200,7 @@ def main() -> None:
                             rows.setdefault(m, {})[seed] = json.loads(run.read_text())
                         continue
                     rows.setdefault(m, {})[seed] = run_one(plan, m, student, regime, seed, teachers, out,
-                                                           args.device)
+                                                           args.device, args.threads)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     teacher_rows = []
