@@ -1,0 +1,502 @@
+"""Deterministic probability-flow ODE samplers for denoisers in the EDM / VE form.
+
+Every sampler is a pure function ``name(denoiser, x, sigmas, *, afs=False, return_trajectory=False,
+cond=None, **opts)``. ``x`` is the starting point already scaled (``noise * sigmas[0]``); ``sigmas`` are
+``N`` positive decreasing noise levels (``(N,)``, or ``(N, B)`` for one schedule per sample), giving
+``N - 1`` steps; the result is the sample at ``sigmas[-1]``, or a :class:`Trajectory`. The ODE is
+``dx/dsigma = d(x, sigma) = (x - D(x, sigma)) / sigma`` (Karras et al., "Elucidating the Design Space of
+Diffusion-Based Generative Models", 2022). Computation runs in ``x``'s dtype; ``sigmas`` are cast to it.
+
+``afs=True`` replaces the first denoiser call by the analytic first step ``d = x / sqrt(1 + sigma_0^2)``
+(the direction for unit-variance data at large sigma; Zhou et al., "Fast ODE-based Sampling for Diffusion
+Models in Around 5 Steps", 2024), saving one evaluation; the data-prediction solvers use the implied
+``D = x - sigma_0 d``. :func:`nfe` gives the number of denoiser calls without running anything.
+
+Single-step: :func:`euler` (DDIM), :func:`heun` (EDM's second-order Heun, on every step), :func:`dpm_solver_2`.
+Multistep (one call per step, a bounded history): :func:`ipndm`, :func:`ipndm_v`, :func:`deis`,
+:func:`dpm_solver_pp`, :func:`unipc`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .schedules import vp_constants, vp_time
+
+
+@dataclass
+class Trajectory:
+    """A sampler run: the final ``x``, the ``N`` ``points`` ``(N, B, ...)`` including the start, the number of
+    denoiser calls ``nfe``, and ``directions`` ``(N - 1, B, ...)``: the direction ``(x_i - D_i) / sigma_i`` each
+    step started from (analytic with AFS; for UniPC ``D_i`` is the output at the predictor's point that the
+    solver reuses, so it is not re-evaluated at the corrected point)."""
+
+    x: Tensor
+    points: Tensor
+    nfe: int
+    directions: Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# shared machinery
+
+
+class _Run:
+    """One sampler call: the sigmas in ``x``'s dtype, the counted denoiser, the AFS rule and the recording."""
+
+    def __init__(self, denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *,
+                 afs: bool, record: bool, cond: dict | None, thresholding: bool = False,
+                 threshold_ratio: float = 0.995, threshold_max: float = 1.0):
+        if isinstance(sigmas, Tensor):
+            s = sigmas.to(device=x.device, dtype=x.dtype)
+        else:  # a python list: no detour through float32
+            s = torch.tensor(sigmas, device=x.device, dtype=x.dtype)
+        self.batch = x.shape[0]
+        if s.ndim == 1:
+            s = s[:, None]  # one schedule for the batch: coefficients are computed once, then broadcast
+        if s.ndim != 2 or s.shape[1] not in (1, self.batch) or s.shape[0] < 2:
+            raise ValueError(f"sigmas must be (N,) or (N, {self.batch}) with N >= 2, got shape {tuple(s.shape)}")
+        if not bool((s > 0).all()):
+            raise ValueError("sigmas must be positive (the last one is sigma_min > 0; no final 0 is appended)")
+        self.flat = s  # (N, 1) or (N, B)
+        self.sig = s.reshape(*s.shape, *([1] * (x.ndim - 1)))  # (N, 1 or B, 1, ..., 1)
+        self.steps = s.shape[0] - 1
+        self.denoiser, self.cond, self.afs = denoiser, dict(cond or {}), afs
+        self.thresholding, self.ratio, self.max_value = thresholding, threshold_ratio, threshold_max
+        self.calls = 0
+        self.points: list[Tensor] | None = [x] if record else None
+        self.dirs: list[Tensor] | None = [] if record else None
+
+    def view(self, c: Tensor) -> Tensor:
+        """A coefficient of shape ``(1,)`` or ``(B,)`` (like a row of ``flat``) as ``(1 or B, 1, ..., 1)``."""
+        return c.reshape(self.sig.shape[1:])
+
+    def model(self, x: Tensor, s: Tensor) -> Tensor:
+        """``D(x, s)`` for ``s`` of shape ``(1 or B, 1, ..., 1)``, counted, thresholded when asked."""
+        self.calls += 1
+        out = self.denoiser(x, s.reshape(-1).expand(self.batch), **self.cond).to(x.dtype)
+        return _threshold(out, self.ratio, self.max_value) if self.thresholding else out
+
+    def direction(self, x: Tensor, s: Tensor) -> Tensor:
+        return (x - self.model(x, s)) / s
+
+    def start_direction(self, x: Tensor, i: int) -> Tensor:
+        """The direction at the start of step ``i`` (analytic for step 0 with AFS), recorded."""
+        s = self.sig[i]
+        d = x / (1 + s * s).sqrt() if (self.afs and i == 0) else self.direction(x, s)
+        self.note_direction(d)
+        return d
+
+    def start_denoised(self, x: Tensor, i: int) -> Tensor:
+        """The denoiser output at the start of step ``i`` (implied by the analytic direction with AFS), recorded."""
+        s = self.sig[i]
+        if self.afs and i == 0:
+            den = x - s * x / (1 + s * s).sqrt()
+            if self.thresholding:
+                den = _threshold(den, self.ratio, self.max_value)
+        else:
+            den = self.model(x, s)
+        self.note_direction((x - den) / s)
+        return den
+
+    def note_direction(self, d: Tensor) -> None:
+        if self.dirs is not None:
+            self.dirs.append(d)
+
+    def push(self, x: Tensor) -> None:
+        if self.points is not None:
+            self.points.append(x)
+
+    def result(self, x: Tensor, return_trajectory: bool) -> Tensor | Trajectory:
+        if not return_trajectory:
+            return x
+        assert self.points is not None and self.dirs is not None
+        return Trajectory(x=x, points=torch.stack(self.points), nfe=self.calls, directions=torch.stack(self.dirs))
+
+
+def _threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
+    """Dynamic thresholding (Saharia et al., "Photorealistic Text-to-Image Diffusion Models with Deep Language
+    Understanding", 2022): ``s = max(quantile_ratio(|x0|), max_value)`` per sample, ``x0 <- clamp(x0, -s, s) / s``
+    (scaled to ``max_value``). It changes D wherever ``|x0|`` exceeds ``max_value``: only for data in [-1, 1]."""
+    s = torch.quantile(x0.abs().reshape(x0.shape[0], -1), ratio, dim=1).clamp_min(max_value)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s * max_value
+
+
+def _orders(max_order: int, lo: int, hi: int, name: str) -> int:
+    if int(max_order) != max_order or not lo <= max_order <= hi:
+        raise ValueError(f"{name}: max_order must be an integer in [{lo}, {hi}], got {max_order}")
+    return int(max_order)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# single-step solvers
+
+
+def euler(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *, afs: bool = False,
+          return_trajectory: bool = False, cond: dict | None = None) -> Tensor | Trajectory:
+    """Euler's method on the probability-flow ODE, ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i``.
+
+    In the EDM parametrisation this is DDIM (Song et al., "Denoising Diffusion Implicit Models", 2021).
+    """
+    run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond)
+    for i in range(run.steps):
+        x = x + (run.sig[i + 1] - run.sig[i]) * run.start_direction(x, i)
+        run.push(x)
+    return run.result(x, return_trajectory)
+
+
+def heun(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *, afs: bool = False,
+         return_trajectory: bool = False, cond: dict | None = None) -> Tensor | Trajectory:
+    """Heun's second-order method (Karras et al., 2022, Algorithm 1), applied on every step including the last.
+
+    ``x' = x_i + h d_i``, ``x_{i+1} = x_i + h (d_i + d(x', sigma_{i+1})) / 2``; two calls per step.
+    """
+    run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond)
+    for i in range(run.steps):
+        s_next = run.sig[i + 1]
+        h = s_next - run.sig[i]
+        d = run.start_direction(x, i)
+        d_next = run.direction(x + h * d, s_next)
+        x = x + h * 0.5 * (d + d_next)
+        run.push(x)
+    return run.result(x, return_trajectory)
+
+
+def dpm_solver_2(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *,
+                 afs: bool = False, return_trajectory: bool = False, cond: dict | None = None,
+                 r: float = 0.5) -> Tensor | Trajectory:
+    """DPM-Solver-2 (Lu et al., "DPM-Solver", 2022) in the EDM form: an intermediate point at
+    ``s_mid = sigma_{i+1}^r sigma_i^(1-r)`` (the geometric midpoint for ``r = 1/2``), then
+    ``x_{i+1} = x_i + h ((1/(2r)) d_mid + (1 - 1/(2r)) d_i)``; two calls per step."""
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f"dpm_solver_2: r must be in (0, 1], got {r}")
+    run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond)
+    w = 1.0 / (2.0 * r)
+    for i in range(run.steps):
+        s, s_next = run.sig[i], run.sig[i + 1]
+        s_mid = s_next**r * s ** (1.0 - r)
+        d = run.start_direction(x, i)
+        d_mid = run.direction(x + (s_mid - s) * d, s_mid)
+        x = x + (s_next - s) * (w * d_mid + (1.0 - w) * d)
+        run.push(x)
+    return run.result(x, return_trajectory)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# linear multistep solvers on the direction d (Adams-Bashforth family)
+
+#: Fixed-step Adams-Bashforth weights, newest direction first (Hairer, Norsett & Wanner, "Solving Ordinary
+#: Differential Equations I", III.1); iPNDM uses them whatever the step sizes.
+AB_WEIGHTS: dict[int, tuple[float, ...]] = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+def lagrange_step_weights(nodes: Sequence[Tensor], t0: Tensor, t1: Tensor) -> list[Tensor]:
+    """``w_j = (1 / (t1 - t0)) * integral_{t0}^{t1} l_j(t) dt`` for the Lagrange basis ``l_j`` on ``nodes``.
+
+    The variable-step Adams-Bashforth weights when ``nodes = [t_i, t_{i-1}, ...]`` and ``[t0, t1]`` is the step
+    ``[t_i, t_{i+1}]``: ``x_{i+1} = x_i + (t1 - t0) sum_j w_j f(t_{i-j})`` integrates the interpolating polynomial
+    of ``f`` exactly. Computed in the scaled variable ``u = (t - t0) / (t1 - t0)`` (so only step ratios matter)
+    by expanding each ``prod_{m != j} (u - u_m)`` and integrating the monomials on ``[0, 1]``. All tensors
+    broadcast together (one set of weights per sample).
+    """
+    h = t1 - t0
+    u = [(n - t0) / h for n in nodes]
+    weights = []
+    for j, uj in enumerate(u):
+        poly = [torch.ones_like(uj)]  # coefficients of u^0, u^1, ... of prod_{m != j} (u - u_m)
+        denom = torch.ones_like(uj)
+        for m, um in enumerate(u):
+            if m == j:
+                continue
+            shifted = [torch.zeros_like(uj), *poly]  # u * poly
+            poly = [shifted[p] - (um * poly[p] if p < len(poly) else 0) for p in range(len(shifted))]
+            denom = denom * (uj - um)
+        weights.append(sum(c / (p + 1) for p, c in enumerate(poly)) / denom)
+    return weights
+
+
+@lru_cache(maxsize=8)
+def _gauss_legendre(n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    return tuple(float(v) for v in nodes), tuple(float(v) for v in weights)
+
+
+def deis_coefficients(sigma_nodes: Sequence[Tensor], sigma_cur: Tensor, sigma_next: Tensor, beta_d: float,
+                      beta_min: float, quad_points: int = 24) -> list[Tensor]:
+    """DEIS tAB coefficients ``C_j = integral_{sigma_cur}^{sigma_next} l_j(t(sigma)) dsigma`` (= the paper's
+    ``integral (dsigma/dt) l_j(t) dt`` in VP time ``t``) with ``l_j`` the Lagrange basis on the VP times of
+    ``sigma_nodes`` (newest first); ``x_{i+1} = x_i + sum_j C_j d_{i-j}`` (Zhang & Chen, "Fast Sampling of
+    Diffusion Models with Exponential Integrator", 2023, tAB-DEIS).
+
+    Integrated by Gauss-Legendre quadrature in ``log sigma`` (``quad_points`` nodes): ``t(sigma)`` has branch
+    points on the imaginary axis close to 0 (about ``1e-3 i`` for the default VP constants), which in
+    ``log sigma`` sit a distance pi/2 from the real line, so the rule converges fast on every interval,
+    including a long one that ends at sigma_min.
+    """
+    xs, ws = _gauss_legendre(int(quad_points))
+    xq = torch.tensor(xs, dtype=sigma_cur.dtype, device=sigma_cur.device)
+    wq = torch.tensor(ws, dtype=sigma_cur.dtype, device=sigma_cur.device)
+    v0, v1 = sigma_cur.log().unsqueeze(-1), sigma_next.log().unsqueeze(-1)
+    sq = (v0 + 0.5 * (v1 - v0) * (1 + xq)).exp()  # (..., Q) quadrature sigmas
+    wsig = 0.5 * (v1 - v0) * wq * sq  # dsigma = sigma dv
+    tq = vp_time(sq, beta_d, beta_min)
+    tn = [vp_time(s, beta_d, beta_min).unsqueeze(-1) for s in sigma_nodes]
+    out = []
+    for j, tj in enumerate(tn):
+        basis = torch.ones_like(tq)
+        for m, tm in enumerate(tn):
+            if m != j:
+                basis = basis * (tq - tm) / (tj - tm)
+        out.append((basis * wsig).sum(-1))
+    return out
+
+
+def _multistep_ab(run: _Run, x: Tensor, max_order: int,
+                  weights: Callable[[int, list[Tensor]], list[Tensor]]) -> Tensor:
+    """The shared loop of iPNDM / iPNDM_v / DEIS: one direction per step, ``x += sum_j c_j d_{i-j}``.
+
+    ``weights(i, d_history)`` returns the absolute increments' coefficients (shape ``(B, 1, ..., 1)``),
+    newest first, for ``k = len(d_history)`` directions.
+    """
+    hist: deque[Tensor] = deque(maxlen=max_order)
+    for i in range(run.steps):
+        hist.appendleft(run.start_direction(x, i))
+        coeffs = weights(i, list(hist))
+        x = x + sum(c * d for c, d in zip(coeffs, hist))
+        run.push(x)
+    return x
+
+
+def ipndm(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *, afs: bool = False,
+          return_trajectory: bool = False, cond: dict | None = None, max_order: int = 4) -> Tensor | Trajectory:
+    """Improved PNDM (Zhang & Chen, 2023; Liu et al., "Pseudo Numerical Methods for Diffusion Models on
+    Manifolds", 2022): fixed-step Adams-Bashforth on ``d`` of order ``min(max_order, i + 1)`` at step ``i``
+    (lower-order warm-up), with the uniform-step weights :data:`AB_WEIGHTS` whatever the step sizes.
+
+    On a non-uniform schedule the fixed weights make it second order asymptotically; :func:`ipndm_v` uses the
+    variable-step weights.
+    """
+    max_order = _orders(max_order, 1, 4, "ipndm")
+    run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond)
+
+    def weights(i: int, hist: list[Tensor]) -> list[Tensor]:
+        h = run.sig[i + 1] - run.sig[i]
+        return [h * w for w in AB_WEIGHTS[len(hist)]]
+
+    return run.result(_multistep_ab(run, x, max_order, weights), return_trajectory)
+
+
+def ipndm_v(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *, afs: bool = False,
+            return_trajectory: bool = False, cond: dict | None = None, max_order: int = 4) -> Tensor | Trajectory:
+    """iPNDM with variable-step Adams-Bashforth weights: at step ``i`` the direction is interpolated by the
+    polynomial through ``d_i, ..., d_{i-k+1}`` at their sigmas (``k = min(max_order, i + 1)``) and integrated
+    exactly over ``[sigma_i, sigma_{i+1}]`` (:func:`lagrange_step_weights`). On uniform steps the weights are
+    iPNDM's; for ``k = 2`` they are ``(1 + q/2, -q/2)`` with ``q = h_i / h_{i-1}``."""
+    max_order = _orders(max_order, 1, 4, "ipndm_v")
+    run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond)
+
+    def weights(i: int, hist: list[Tensor]) -> list[Tensor]:
+        s0, s1 = run.flat[i], run.flat[i + 1]
+        nodes = [run.flat[i - j] for j in range(len(hist))]
+        return [run.view(w * (s1 - s0)) for w in lagrange_step_weights(nodes, s0, s1)]
+
+    return run.result(_multistep_ab(run, x, max_order, weights), return_trajectory)
+
+
+def deis(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *, afs: bool = False,
+         return_trajectory: bool = False, cond: dict | None = None, max_order: int = 3, vp_sigma_min: float = 0.002,
+         vp_sigma_max: float = 80.0, vp_eps: float = 1e-3) -> Tensor | Trajectory:
+    """DEIS with the time-Adams-Bashforth rule tAB-``max_order`` (Zhang & Chen, "Fast Sampling of Diffusion Models
+    with Exponential Integrator", 2023): ``d`` (the noise prediction) is interpolated by a polynomial of degree
+    ``min(max_order, i)`` in VP time through the last ``degree + 1`` directions and integrated exactly against
+    ``dsigma`` (:func:`deis_coefficients`, numerically in ``log sigma``).
+
+    ``max_order`` is the polynomial degree, as in the paper: tAB3 (the default) uses four directions and
+    ``max_order = 0`` is Euler. The VP time is that of the SDE with ``sigma(1) = vp_sigma_max`` and
+    ``sigma(vp_eps) = vp_sigma_min`` (as :func:`~mentor.diffusion.schedules.time_uniform`).
+    """
+    max_order = _orders(max_order, 0, 3, "deis")
+    beta_d, beta_min = vp_constants(vp_sigma_min, vp_sigma_max, vp_eps)
+    run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond)
+
+    def weights(i: int, hist: list[Tensor]) -> list[Tensor]:
+        nodes = [run.flat[i - j] for j in range(len(hist))]
+        return [run.view(c) for c in deis_coefficients(nodes, run.flat[i], run.flat[i + 1], beta_d, beta_min)]
+
+    return run.result(_multistep_ab(run, x, max_order + 1, weights), return_trajectory)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# exponential integrators on the data prediction (log-SNR time)
+
+
+def phi(k: int, z: Tensor) -> Tensor:
+    """``phi_k(z) = integral_0^1 exp((1 - t) z) t^(k-1) / (k-1)! dt`` (``phi_0 = exp``), stable for small ``|z|``.
+
+    Uses the series ``sum_n z^n / (n + k)!`` for ``|z| < 1`` and the recursion ``phi_{k+1} = (phi_k - 1/k!) / z``
+    from ``phi_1 = expm1(z) / z`` elsewhere (the recursion cancels catastrophically near 0).
+    """
+    if k == 0:
+        return z.exp()
+    small = z.abs() < 1.0
+    series = torch.zeros_like(z)
+    term = torch.full_like(z, 1.0 / math.factorial(k))
+    for n in range(24):
+        series = series + term
+        term = term * z / (n + k + 1)
+    zs = torch.where(small, torch.ones_like(z), z)
+    rec = torch.expm1(zs) / zs
+    for m in range(1, k):
+        rec = (rec - 1.0 / math.factorial(m)) / zs
+    return torch.where(small, series, rec)
+
+
+def _order_at(i: int, steps: int, max_order: int, lower_order_final: bool) -> int:
+    order = min(max_order, i + 1)
+    return min(order, steps - i) if lower_order_final else order
+
+
+def dpm_solver_pp(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *,
+                  afs: bool = False, return_trajectory: bool = False, cond: dict | None = None, max_order: int = 3,
+                  lower_order_final: bool = True, thresholding: bool = False, threshold_ratio: float = 0.995,
+                  threshold_max: float = 1.0) -> Tensor | Trajectory:
+    """Multistep DPM-Solver++ with data prediction (Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of
+    Diffusion Probabilistic Models", 2022): ``max_order = 2`` is 2M, 3 is 3M.
+
+    With ``lambda = -log sigma``, ``h = lambda_{i+1} - lambda_i`` and ``D(lambda)`` the denoiser output, the
+    exact solution is ``x_{i+1} = e^{-h} x_i + sum_k h^{k+1} phi_{k+1}(-h) D^(k)(lambda_i)``. Order 1 is
+    ``e^{-h} x_i + (1 - e^{-h}) D_i`` (identical to Euler); 2M replaces ``D_i`` by
+    ``D_i + (D_i - D_{i-1}) / (2 r)``, ``r = h_{i-1} / h`` (the paper's Algorithm 2); 3M adds the first and second
+    divided differences with their Taylor weights ``h phi_2(-h)`` and ``2 h phi_3(-h)``. The order at step ``i``
+    is ``min(max_order, i + 1)``, and with ``lower_order_final`` also at most the number of steps left.
+    ``thresholding`` applies dynamic thresholding to every denoiser output (off by default).
+    """
+    max_order = _orders(max_order, 1, 3, "dpm_solver_pp")
+    run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond, thresholding=thresholding,
+               threshold_ratio=threshold_ratio, threshold_max=threshold_max)
+    lam = -run.sig.log()
+    outs: deque[Tensor] = deque(maxlen=max_order)
+    for i in range(run.steps):
+        outs.appendleft(run.start_denoised(x, i))
+        order = min(_order_at(i, run.steps, max_order, lower_order_final), len(outs))
+        h = lam[i + 1] - lam[i]
+        one_minus = -torch.expm1(-h)  # 1 - e^{-h} = h phi_1(-h)
+        x_next = (run.sig[i + 1] / run.sig[i]) * x + one_minus * outs[0]
+        if order == 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            x_next = x_next + one_minus * (outs[0] - outs[1]) / (2 * r0)
+        elif order == 3:
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            d1_0, d1_1 = (outs[0] - outs[1]) / r0, (outs[1] - outs[2]) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)  # ~ h D'
+            d2 = (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 D'' / 2
+            x_next = x_next + h * phi(2, -h) * d1 + 2 * h * phi(3, -h) * d2
+        x = x_next
+        run.push(x)
+    return run.result(x, return_trajectory)
+
+
+def unipc(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *, afs: bool = False,
+          return_trajectory: bool = False, cond: dict | None = None, max_order: int = 3, variant: str = "bh2",
+          lower_order_final: bool = True, thresholding: bool = False, threshold_ratio: float = 0.995,
+          threshold_max: float = 1.0) -> Tensor | Trajectory:
+    """UniPC with data prediction (Zhao et al., "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling
+    of Diffusion Models", 2023): predictor UniP-p, then corrector UniC-p with the denoiser output at the predicted
+    point, which the next step reuses (one call per step; no corrector, hence no call, on the last step).
+
+    With ``lambda = -log sigma``, ``h = lambda_{i+1} - lambda_i``, the step is
+    ``x = e^{-h} x_i + (1 - e^{-h}) D_i + B(h) sum_m a_m (D_{s_m} - D_i) / r_m`` with ``r_m = (lambda_{s_m} -
+    lambda_i) / h`` over the previous points (predictor) or also the new point ``r = 1`` (corrector). The weights
+    solve ``sum_m a_m r_m^(k-1) = k! h phi_{k+1}(-h) / B(h)``, ``k = 1..#points``, which matches the Taylor
+    expansion of the exact solution; ``B(h) = 1 - e^{-h}`` for ``bh2``, ``h`` for ``bh1``. As in the paper,
+    the one-point systems (order-2 predictor, order-1 corrector) use ``a = 1/2``. Orders as in
+    :func:`dpm_solver_pp`; ``thresholding`` applies dynamic thresholding to every denoiser output.
+    """
+    max_order = _orders(max_order, 1, 3, "unipc")
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"unipc: variant must be 'bh1' or 'bh2', got {variant!r}")
+    run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond, thresholding=thresholding,
+               threshold_ratio=threshold_ratio, threshold_max=threshold_max)
+    lam = -run.sig.log()
+    outs: deque[Tensor] = deque(maxlen=max_order)
+    outs.appendleft(run.start_denoised(x, 0))
+    for i in range(run.steps):
+        order = min(_order_at(i, run.steps, max_order, lower_order_final), len(outs))
+        h = lam[i + 1] - lam[i]
+        one_minus = -torch.expm1(-h)
+        big_b = one_minus if variant == "bh2" else h
+        base = (run.sig[i + 1] / run.sig[i]) * x + one_minus * outs[0]
+        rs = [(lam[i - m] - lam[i]) / h for m in range(1, order)]
+        diffs = [(outs[m] - outs[0]) / r for m, r in zip(range(1, order), rs)]
+        rhs = [math.factorial(k) * h * phi(k + 1, -h) / big_b for k in range(1, order + 1)]
+        if order == 1:
+            x_pred = base
+        else:
+            a = [torch.full_like(h, 0.5)] if order == 2 else _solve(rs, rhs[:-1])
+            x_pred = base + big_b * sum(c * dm for c, dm in zip(a, diffs))
+        if i == run.steps - 1:
+            x = x_pred
+        else:
+            out_new = run.model(x_pred, run.sig[i + 1])
+            a = [torch.full_like(h, 0.5)] if order == 1 else _solve([*rs, torch.ones_like(h)], rhs)
+            x = base + big_b * (sum(c * dm for c, dm in zip(a[:-1], diffs)) + a[-1] * (out_new - outs[0]))
+            outs.appendleft(out_new)
+            run.note_direction((x - out_new) / run.sig[i + 1])
+        run.push(x)
+    return run.result(x, return_trajectory)
+
+
+def _solve(rs: list[Tensor], rhs: list[Tensor]) -> list[Tensor]:
+    """Solve ``sum_m a_m r_m^(k-1) = rhs_k`` (k = 1..len(rs)) per sample; inputs ``(B, 1, ..., 1)``."""
+    shape = rs[0].shape
+    r = torch.stack([t.reshape(-1) for t in rs], dim=-1)  # (B, M)
+    mat = torch.stack([r**k for k in range(len(rs))], dim=-2)  # (B, K, M): row k holds r_m^k
+    b = torch.stack([t.reshape(-1) for t in rhs], dim=-1)
+    a = torch.linalg.solve(mat, b)
+    return [a[:, m].reshape(shape) for m in range(len(rs))]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# registry and NFE accounting
+
+SAMPLERS: dict[str, Callable[..., Tensor | Trajectory]] = {
+    "euler": euler,
+    "heun": heun,
+    "dpm_solver_2": dpm_solver_2,
+    "ipndm": ipndm,
+    "ipndm_v": ipndm_v,
+    "deis": deis,
+    "dpm_solver_pp": dpm_solver_pp,
+    "unipc": unipc,
+}
+
+_TWO_CALLS = frozenset({"heun", "dpm_solver_2"})
+
+
+def nfe(name: str, num_steps: int, afs: bool = False) -> int:
+    """Denoiser calls of sampler ``name`` on ``num_steps`` timestamps: ``2(N-1)`` for Heun and DPM-Solver-2,
+    ``N-1`` for the others, one fewer with AFS."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)}")
+    if int(num_steps) != num_steps or num_steps < 2:
+        raise ValueError(f"num_steps (timestamps) must be an integer >= 2, got {num_steps}")
+    calls = (2 if name in _TWO_CALLS else 1) * (int(num_steps) - 1)
+    return calls - 1 if afs else calls
+
+
+__all__ = ["AB_WEIGHTS", "SAMPLERS", "Trajectory", "deis", "deis_coefficients", "dpm_solver_2", "dpm_solver_pp",
+           "euler", "heun", "ipndm", "ipndm_v", "lagrange_step_weights", "nfe", "phi", "unipc"]
