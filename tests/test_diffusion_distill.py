@@ -360,3 +360,13 @@ def test_bench_writes_the_markdown_table(tmp_path, capsys):
             if line.startswith("| ") and "method" not in line}
     assert set(rows) == {"Euler (DDIM)", "Heun", "Euler (DDIM) + GITS", "AMED-Solver"}
     assert all(len(cells) == 2 and all(c.strip() not in ("", "-") for c in cells) for cells in rows.values())
+
+
+def test_mentor_bench_diffusion_prints_the_table(capsys, tmp_path):
+    from mentor.cli import main as cli_main
+
+    out = tmp_path / "table.md"
+    assert cli_main(["bench", "diffusion", "--oracles", "gaussian", "--solvers", "euler", "heun", "--nfe", "4", "6",
+                     "--no-gits", "--no-amed", "--n", "32", "--quiet", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "euler" in text and "heun" in text and text.strip() == out.read_text().strip()

@@ -70,6 +70,28 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .diffusion.sample import SampleError, sample_to_png
+
+    try:
+        result = sample_to_png(args.run_dir, args.out, solver=args.solver, nfe=args.nfe, schedule=args.schedule,
+                               n=args.n, seed=args.seed, class_label=args.class_label, afs=args.afs,
+                               predictor=args.predictor, ema=not args.no_ema, device=args.device, scale=args.scale)
+    except SampleError as e:
+        print(f"mentor: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.suite == "diffusion":
+        from .diffusion.bench import main as bench_diffusion
+
+        return bench_diffusion(args.rest)
+    raise AssertionError(args.suite)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -105,6 +127,29 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--to", default=None, help="target folder (default ~/.cache/mentor/NAME)")
     fetch.add_argument("--no-verify", action="store_true", help="keep files whose SHA-256 is not published")
     d.set_defaults(func=cmd_data)
+
+    sm = sub.add_parser("sample", help="sample a trained diffusion run (method edm) into a PNG grid")
+    sm.add_argument("run_dir", help="the run directory of an `edm` recipe (uses best.pt, its EMA weights)")
+    sm.add_argument("--solver", default="ipndm", help="a sampler of mentor.diffusion.samplers (default ipndm)")
+    sm.add_argument("--nfe", type=int, default=5, help="denoiser evaluations per sample (default 5)")
+    sm.add_argument("--schedule", default="polynomial", help="polynomial, logsnr or time_uniform")
+    sm.add_argument("--n", type=int, default=64, help="number of images")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--out", default="samples.png", help="the PNG grid to write")
+    sm.add_argument("--predictor", default=None, help="an AMED predictor file (decides solver, schedule, steps)")
+    sm.add_argument("--class-label", type=int, default=None, help="class of every sample (conditional models)")
+    sm.add_argument("--afs", action="store_true", help="analytic first step (saves one evaluation)")
+    sm.add_argument("--no-ema", action="store_true", help="use the trained weights instead of their EMA")
+    sm.add_argument("--scale", type=int, default=1, help="enlarge every pixel this many times")
+    sm.add_argument("--device", default="auto")
+    sm.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bench", help="benchmark tables: mentor bench diffusion [--help for its options]",
+                       add_help=True)
+    b.add_argument("suite", choices=["diffusion"], help="which benchmark (the distillation table is "
+                   "benchmarks/kd.py)")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options")
+    b.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="the main job: teacher and student on Fashion-MNIST, one table")
     demo.add_argument("--device", default="auto")

@@ -43,7 +43,9 @@ def load_run(path: str | Path, device: str = "auto"):
     if "method" in state:
         method.load_state_dict(state["method"])
     elif "model" in state:
-        method.deployable().load_state_dict(state["model"])
+        # best.pt: the weights the run selected on (its EMA copy for a method that selects on "<key>_ema")
+        use_ema = type(method).select[0].endswith("_ema") and state.get("ema") is not None
+        method.deployable().load_state_dict(state["ema"] if use_ema else state["model"])
     else:
         raise ckpt.CheckpointError(f"{file} holds neither 'method' nor 'model' weights")
     method.eval()

@@ -142,7 +142,10 @@ class Trainer:
                                    name=cfg.method.name)
 
         self.start_step = 0
-        self.metric, self.mode = method_cls.select
+        metric, self.mode = method_cls.select
+        # A method may select on its EMA copy ("<key>_ema"); without EMA the raw network's number is used.
+        self.select_ema = metric.endswith("_ema") and self.ema is not None
+        self.metric = metric if self.select_ema or not metric.endswith("_ema") else metric[: -len("_ema")]
         self.best = {"value": None, "step": -1}
         self.history_wall = 0.0
         self.meter = Meter(self.dist, prefix_phases=len(self.phases) > 1)
@@ -383,23 +386,24 @@ class Trainer:
             "best_step": self.best["step"],
         }
         out.update(self._score(self.method.deployable(), test, "test_", "_last"))
-        best_path = self.run_dir / "best.pt"
-        barrier(self.dist)
-        if self.best["step"] == self.cfg.trainer.max_steps:
-            # the same weights: read the test set once
-            out.update({k.replace("_last", "_best"): v for k, v in list(out.items())
-                        if k.startswith("test_") and k.endswith("_last")})
-        elif best_path.exists():
-            state = ckpt.load(best_path, map_location=self.device)
-            net = copy.deepcopy(self.method.deployable())
-            net.load_state_dict(state["model"])
-            net.eval()
-            out.update(self._score(net, test, "test_", "_best"))
         for name, net in self.method.eval_heads().items():
             out.update(self._score(net, test, "test_", f"_last_{name}"))
         if self.ema is not None:
             out.update({f"{k}_last": v for k, v in self.last_val.items() if k.endswith("_ema")})
             out.update(self._score(self.ema.module, test, "test_", "_ema_last"))
+        # test_<key>_best: the selected weights (raw, or the EMA copy) at the best validation step
+        best_path = self.run_dir / "best.pt"
+        barrier(self.dist)
+        if self.best["step"] == self.cfg.trainer.max_steps:
+            tail = "_ema_last" if self.select_ema else "_last"  # the same weights: read the test set once
+            out.update({k[: -len(tail)] + "_best": v for k, v in list(out.items())
+                        if k.startswith("test_") and k.endswith(tail) and (self.select_ema or "_ema_" not in k)})
+        elif best_path.exists():
+            state = ckpt.load(best_path, map_location=self.device)
+            net = copy.deepcopy(self.method.deployable())
+            net.load_state_dict(state["ema"] if self.select_ema else state["model"])
+            net.eval()
+            out.update(self._score(net, test, "test_", "_best"))
         out["wall_s"] = self.history_wall + (time.perf_counter() - self._t0)
         out["train_img_s"] = images / train_time if train_time > 0 else float("nan")
         out["device"] = hardware_name(self.device)

@@ -12,7 +12,7 @@ from .base import (
     register_method,
 )
 
-FAMILIES = ("mentor.distill",)
+FAMILIES = ("mentor.distill", "mentor.diffusion")
 
 
 def load_builtin_methods() -> None:
