@@ -412,8 +412,9 @@ class Trainer:
         out["world_size"] = self.dist.world_size
         if self.is_main:
             m = self.metric
+            best_key = f"test_{m[: -len('_ema')] if self.select_ema else m}_best"
             log.info(f"done in {format_duration(out['wall_s'])}: test {m} {out[f'test_{m}_last']:.4f} (last), "
-                     f"{out.get(f'test_{m}_best', math.nan):.4f} (best val @ {self.best['step']})")
+                     f"{out.get(best_key, math.nan):.4f} (best val @ {self.best['step']})")
         return out
 
 
