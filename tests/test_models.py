@@ -293,3 +293,26 @@ def test_shufflenetv2_unit_matches_reference_relu_placement():
         shuffled = joined.view(2, 2, 4, 5, 5).transpose(1, 2).reshape(2, 8, 5, 5)  # interleave halves
         assert torch.equal(shuffled[:, 0::2], keep) and torch.equal(shuffled[:, 1::2], branch)
         assert torch.allclose(unit(x), shuffled, atol=1e-6)
+
+
+def test_a_copy_of_a_tapped_network_can_be_stripped_of_the_taps():
+    import copy
+
+    from mentor.engine.ema import EMA
+    from mentor.models import FeatureTap, create_model, strip_taps
+
+    net = create_model("resnet8", num_classes=10, in_channels=1).eval()
+    tap = FeatureTap(net, ["layer1", "layer3"], pre_activation=True)
+    x = torch.randn(2, 1, 28, 28)
+    net(x)
+    live = {k: v.clone() for k, v in tap.features.items()}
+    twin = copy.deepcopy(net)
+    twin(torch.randn(2, 1, 28, 28))  # a plain deepcopy still writes into the live tap
+    assert not torch.equal(tap["layer3"], live["layer3"])
+    net(x)
+    for copy_ in (strip_taps(copy.deepcopy(net)), EMA(net, 0.9).module):
+        copy_(torch.randn(2, 1, 28, 28))
+        for k, v in live.items():
+            torch.testing.assert_close(tap[k], v)
+    net(torch.randn(2, 1, 28, 28))  # the live network still records
+    assert not torch.equal(tap["layer3"], live["layer3"])

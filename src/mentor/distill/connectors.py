@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..models import FeatureTap
 
 __all__ = ["ConvRegressor", "EmbedHead", "probe_shapes"]
@@ -70,3 +71,33 @@ class EmbedHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.linear(x.flatten(1)).float(), dim=1)
+
+
+def feature_stages(model: nn.Module, role: str) -> tuple[str, ...]:
+    """The names of ``model``'s stages (``stem``, ``layer1`` ..), checked: the projector methods
+    need a staged network with ``pool`` and ``fc`` (every zoo model)."""
+    names = getattr(model, "stage_names", None)
+    if not names or not hasattr(model, "pool") or not hasattr(model, "fc"):
+        raise ConfigError(f"the {role} ({type(model).__name__}) must be a staged network with stage_names, "
+                          "pool and fc (any mentor.models zoo network) for this distillation method")
+    return tuple(names)
+
+
+def prepool_modules(model: nn.Module, role: str) -> list[str]:
+    """The modules that compute the last feature map before pooling: the stages, then ``head`` (the
+    1x1 conv of MobileNetV2/ShuffleNet) where the network has one."""
+    names = list(feature_stages(model, role))
+    if isinstance(getattr(model, "head", None), nn.Module):
+        names.append("head")
+    return names
+
+
+def bottleneck_projector(c_in: int, c_out: int, factor: int = 2) -> nn.Sequential:
+    """SimKD's projector: conv1x1 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv1x1 -> BN -> ReLU,
+    with a bottleneck of ``c_out // factor`` channels (Chen et al., CVPR 2022)."""
+    mid = max(1, c_out // factor)
+    return nn.Sequential(
+        nn.Conv2d(c_in, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+        nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+        nn.Conv2d(mid, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+    )

@@ -16,10 +16,9 @@ from ..methods import BuildInfo, StepContext, register_method
 from ..models import FeatureTap
 from ..nn import soft_kl
 from .base import DistillConfig, Distiller
-from .connectors import probe_shapes
+from .connectors import bottleneck_projector, feature_stages, prepool_modules, probe_shapes
 from .losses.crosslayer import dskd_weights, simkd_loss
 from .losses.feature import align_spatial
-from .simkd import bottleneck_projector, feature_stages, prepool_modules
 
 
 @register_method("dskd")

@@ -15,10 +15,9 @@ from ..methods import BuildInfo, StepContext, register_method
 from ..models import FeatureTap
 from ..nn import soft_kl
 from .base import DistillConfig, Distiller
-from .connectors import probe_shapes
+from .connectors import feature_stages, probe_shapes
 from .losses.crosslayer import semckd_attention, semckd_loss
 from .losses.feature import align_spatial
-from .simkd import feature_stages
 
 
 class QueryKeyEmbed(nn.Module):

@@ -7,6 +7,8 @@ import copy
 import torch
 from torch import nn
 
+from ..models.tap import strip_taps
+
 
 class EMA(nn.Module):
     """A frozen copy of ``model`` whose parameters track ``decay * ema + (1 - decay) * model``.
@@ -18,7 +20,8 @@ class EMA(nn.Module):
     def __init__(self, model: nn.Module, decay: float):
         super().__init__()
         self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        # The copy must not write into the live network's feature taps (deepcopy copies hooks).
+        self.module = strip_taps(copy.deepcopy(model)).eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..config import RunConfig, dump_config, to_dict
 from ..methods import METHODS, BuildInfo, Method, StepContext
-from ..models import create_model
+from ..models import create_model, strip_taps
 from . import checkpoint as ckpt
 from .distributed import Dist, barrier, init_distributed, shutdown
 from .ema import EMA
@@ -400,7 +400,7 @@ class Trainer:
                         if k.startswith("test_") and k.endswith(tail) and (self.select_ema or "_ema_" not in k)})
         elif best_path.exists():
             state = ckpt.load(best_path, map_location=self.device)
-            net = copy.deepcopy(self.method.deployable())
+            net = strip_taps(copy.deepcopy(self.method.deployable()))
             net.load_state_dict(state["ema"] if self.select_ema else state["model"])
             net.eval()
             out.update(self._score(net, test, "test_", "_best"))

@@ -8,11 +8,12 @@ returns logits only. Features are taken with :class:`FeatureTap` (forward hooks 
 from . import mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401  (importing registers the models)
 from .common import StagedNet
 from .registry import MODELS, create_model, list_models, model_info, register_model
-from .tap import FeatureTap, final_activation
+from .tap import FeatureTap, final_activation, strip_taps
 
 __all__ = [
     "MODELS",
     "FeatureTap",
+    "strip_taps",
     "StagedNet",
     "create_model",
     "final_activation",

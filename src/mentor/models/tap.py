@@ -138,13 +138,31 @@ class FeatureTap:
         return f"FeatureTap({type(self.model).__name__}, {list(self.names)}, {state})"
 
 
+def _mark(hook):
+    hook._mentor_tap = True  # found again by strip_taps
+    return hook
+
+
+def strip_taps(model: nn.Module) -> nn.Module:
+    """Remove every :class:`FeatureTap` hook from ``model`` and its sub-modules; returns ``model``.
+
+    ``copy.deepcopy`` of a tapped network copies its hooks, which still write into the original tap:
+    a copy used on its own (an EMA network, a restored best checkpoint) should call this first.
+    """
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if getattr(h, "_mentor_tap", False)]:
+                del hooks[key]
+    return model
+
+
 def _clear_hook(ref: weakref.ref[FeatureTap]):
     def hook(module: nn.Module, args: Any) -> None:
         tap = ref()
         if tap is not None:
             tap.features.clear()
 
-    return hook
+    return _mark(hook)
 
 
 def _output_hook(ref: weakref.ref[FeatureTap], name: str):
@@ -153,7 +171,7 @@ def _output_hook(ref: weakref.ref[FeatureTap], name: str):
         if tap is not None:
             tap.features[name] = output
 
-    return hook
+    return _mark(hook)
 
 
 def _input_hook(ref: weakref.ref[FeatureTap], name: str, clone: bool):
@@ -162,4 +180,4 @@ def _input_hook(ref: weakref.ref[FeatureTap], name: str, clone: bool):
         if tap is not None:
             tap.features[name] = args[0].clone() if clone else args[0]
 
-    return hook
+    return _mark(hook)
