@@ -301,6 +301,9 @@ def test_method_trains_resumes_and_evaluates(method, extra, terms, fmnist_teache
     assert summary["method"] == method and summary["steps"] == 16
     teacher = list(resumed.method.teacher.parameters())
     assert all(not p.requires_grad and p.grad is None for p in teacher)  # only the student learns
+    # the checkpoint keeps what training changes; the frozen teacher reloads from its own run
+    saved = torch.load(tmp_path / "student" / "last.pt", weights_only=True)["method"]
+    assert saved and not any(k.startswith("teacher.") for k in saved)
     assert any(p.grad is not None for p in resumed.method.student.parameters())
 
 

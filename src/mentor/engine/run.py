@@ -41,7 +41,7 @@ def load_run(path: str | Path, device: str = "auto"):
     method.to(dev)
     state = ckpt.load(file, map_location=dev)
     if "method" in state:
-        method.load_state_dict(state["method"])
+        method.load_trained_state(state["method"])
     elif "model" in state:
         # best.pt: the weights the run selected on (its EMA copy for a method that selects on "<key>_ema")
         use_ema = type(method).select[0].endswith("_ema") and state.get("ema") is not None

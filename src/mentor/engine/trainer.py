@@ -171,7 +171,7 @@ class Trainer:
     def state_dict(self, step: int) -> dict[str, Any]:
         return {
             "step": step,
-            "method": self.method.state_dict(),
+            "method": self.method.trained_state(),  # teachers reload from their own run directories
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "ema": self.ema.state_dict() if self.ema else None,
@@ -208,7 +208,7 @@ class Trainer:
     def load(self, path: Path) -> None:
         state = ckpt.load(path, map_location=self.device)
         self._check_identity(state.get("config", {}), path)
-        self.method.load_state_dict(state["method"])
+        self.method.load_trained_state(state["method"])
         for o, s in zip(self.optimizers, state["optimizers"]):
             o.load_state_dict(s)
         for sch, s in zip(self.schedulers, state["schedulers"]):

@@ -164,6 +164,21 @@ class Method(nn.Module):
                 out[name] = m
         return out
 
+    def trained_state(self) -> dict[str, Tensor]:
+        """``state_dict`` without the frozen modules (teachers): what a checkpoint must keep, since a
+        resumed run loads its teachers again from their own run directories."""
+        frozen = tuple(f"{name}." for name in self.frozen_modules())
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen)}
+
+    def load_trained_state(self, state: dict[str, Tensor]) -> None:
+        """Load a :meth:`trained_state` (or a full ``state_dict``); only frozen modules may be absent."""
+        frozen = tuple(f"{name}." for name in self.frozen_modules())
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith(frozen)]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not fit {type(self).__name__}: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
+
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
         for m in self.frozen_modules().values():
