@@ -10,6 +10,7 @@ the paired gain over the student trained alone, training images/s and extra trai
     python benchmarks/kd.py --plan gpu                       # the literature's pairs, on a GPU
     python benchmarks/kd.py --plan cpu --methods kd,dkd --seeds 0 --regimes low   # a slice
     python benchmarks/kd.py --plan cpu --report-only         # rebuild the tables from finished runs
+    python benchmarks/kd.py --plan cpu --speed               # training speed of every method, side by side
 
 Runs already finished are not repeated (a run directory with summary.json is reused), so the
 command can be stopped and started again.
@@ -124,6 +125,40 @@ def run_one(plan: dict, method: str, student: str, regime: str, seed: int, teach
     return train(load_config(ROOT / plan["student_recipe"], overrides))
 
 
+def speed(plan: dict, methods: list[str], teachers: list[str], device: str, threads: int | None,
+          warmup: int = 3, steps: int = 20) -> dict[str, float]:
+    """Training images/s of every method's step (the engine's own), measured one after the other in
+    one process on the plan's first student, so the numbers compare (accuracy runs may have shared
+    the machine with other work)."""
+    import time
+
+    import torch
+
+    from mentor.engine import Trainer
+
+    rates = {}
+    for m in ["supervised", *methods]:
+        overrides = [f"model.name={plan['students'][0]}", f"method.name={m}", f"data.batch_size={plan['batch_size']}",
+                     f"trainer.device={device}", "trainer.progress=false", "out_dir=/tmp/mentor-kd-speed",
+                     "resume=false", f"trainer.max_steps={warmup + steps}", "data.subset=5000",
+                     *method_overrides(m, teachers, 1.0)]
+        if threads:
+            overrides.append(f"trainer.threads={threads}")
+        tr = Trainer(load_config(ROOT / plan["student_recipe"], overrides))
+        tr.method.train()
+        sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
+        for step in range(warmup):
+            tr._train_step(step)
+        sync()
+        t0 = time.perf_counter()
+        for step in range(warmup, warmup + steps):
+            tr._train_step(step)
+        sync()
+        rates[m] = steps * plan["batch_size"] / (time.perf_counter() - t0)
+        print(f"{m}: {rates[m]:,.0f} img/s", file=sys.stderr, flush=True)
+    return rates
+
+
 def mean_std(xs: list[float]) -> str:
     xs = [100 * x for x in xs if not math.isnan(x)]
     if not xs:
@@ -142,8 +177,9 @@ def paired_gain(xs: list[float], base: list[float]) -> str:
     return f"{m:+.2f} ± {sd:.2f}{mark}"
 
 
-def table(results: dict, methods: list[str], seeds: list[int]) -> str:
-    """One markdown table per (regime, student); the baseline is `supervised`."""
+def table(results: dict, methods: list[str], seeds: list[int], rates: dict[str, float] | None = None) -> str:
+    """One markdown table per (regime, student); the baseline is `supervised`. Images/s come from
+    ``rates`` (a side-by-side measurement) when given, else from the runs themselves."""
     out = []
     for (regime, student), rows in results.items():
         base = [rows["supervised"][s]["test_acc_last"] for s in seeds if s in rows.get("supervised", {})]
@@ -158,7 +194,7 @@ def table(results: dict, methods: list[str], seeds: list[int]) -> str:
             last = [r["test_acc_last"] for r in runs]
             best = [r.get("test_acc_best", float("nan")) for r in runs]
             gain = paired_gain(last, base) if m != "supervised" and len(base) == len(last) else "–"
-            img_s = statistics.mean(r["train_img_s"] for r in runs)
+            img_s = rates[m] if rates and m in rates else statistics.mean(r["train_img_s"] for r in runs)
             extra = runs[0].get("trainable_params", 0) - runs[0].get("student_params", 0)
             out.append(f"| {m} | {mean_std(last)} | {mean_std(best)} | {gain} | {img_s:,.0f} | {extra:,} |")
     return "\n".join(out)
@@ -175,6 +211,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--speed", action="store_true", help="measure every method's training speed side by side "
+                   "(written to speed.json and used for the img/s column)")
     args = p.parse_args()
     plan = PLANS[args.plan]
     methods = [m for m in args.methods.split(",") if m]
@@ -201,6 +239,12 @@ def main() -> None:
                         continue
                     rows.setdefault(m, {})[seed] = run_one(plan, m, student, regime, seed, teachers, out,
                                                            args.device, args.threads)
+    speed_file = out / "speed.json"
+    if args.speed:
+        rates = speed(plan, methods, teachers, args.device, args.threads)
+        old = json.loads(speed_file.read_text()) if speed_file.is_file() else {}
+        speed_file.write_text(json.dumps({**old, **rates}, indent=2) + "\n")
+    rates = json.loads(speed_file.read_text()) if speed_file.is_file() else None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=ROOT).stdout.strip()
     teacher_rows = []
@@ -213,7 +257,10 @@ def main() -> None:
     header = [f"Command: `python benchmarks/kd.py --plan {args.plan} --methods {args.methods} --seeds {args.seeds} "
               f"--regimes {args.regimes}`, commit {commit}.", "",
               "| teacher | recipe | best.pt SHA-256 | test acc |", "|---|---|---|---|", *teacher_rows]
-    text = "\n".join(header) + "\n" + table(results, methods, seeds) + "\n"
+    if rates:
+        header += ["", f"img/s: training steps of batch {plan['batch_size']} measured one method after the other "
+                   f"in one process (`--speed`), not the accuracy runs' own rates."]
+    text = "\n".join(header) + "\n" + table(results, methods, seeds, rates) + "\n"
     (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
     (out / "report.md").write_text(text)
     print(text)
