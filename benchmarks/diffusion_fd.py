@@ -52,11 +52,13 @@ def main(argv: list[str] | None = None) -> int:
                           seed=args.seed, batch_size=1000)
         seconds = time.perf_counter() - t0
         score = fd_score(x, test, feats)
-        rows.append(f"| {solver} | {nfe} | {score[f'FD-{tag}']:.3f} | {1000 * score[f'KID-{tag}']:.3f} | {seconds:.1f} |")
+        fd, kid_ = score[f"FD-{tag}"], score[f"KID-{tag}"]
+        rows.append(f"| {solver} | {nfe} | {fd:.3f} | {1000 * kid_:.3f} | {seconds:.1f} |")
         print(rows[-1], file=sys.stderr, flush=True)
     head = [f"Command: `python benchmarks/diffusion_fd.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
             f"Run {info['checkpoint']} (step {info['step']}, EMA {info['ema']}), {args.n} samples, schedule "
-            f"{args.schedule}, seed {args.seed}; reference: the {len(test):,} test images; {hardware_name(torch.device(device))}, "
+            f"{args.schedule}, seed {args.seed}; reference: the {len(test):,} test images; "
+            f"{hardware_name(torch.device(device))}, "
             f"torch {torch.__version__}, {datetime.date.today().isoformat()}.", "",
             f"| solver | NFE | FD-{tag} | KID-{tag} ×1000 | sampling s |", "|---|---|---|---|---|"]
     text = "\n".join(head + rows) + "\n"

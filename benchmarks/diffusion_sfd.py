@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     lines = [f"Command: `python benchmarks/diffusion_sfd.py {cmd}`",
              f"Run {info['checkpoint']} ({info['dataset']}); {args.iterations} iterations of batch {args.batch}, "
-             f"Adam lr {args.lr} (/10 at half), M = {args.M}: {seconds:.0f} s on {hardware_name(torch.device(args.device))}, "
+             f"Adam lr {args.lr} (/10 at half), M = {args.M}: {seconds:.0f} s on "
+             f"{hardware_name(torch.device(args.device))}, "
              f"torch {torch.__version__}, {datetime.date.today().isoformat()}. Error: RMSE against Heun with "
              f"{args.ref_steps} polynomial timestamps from the same noise, {args.n} samples.", "",
              "| sampler | NFE | RMSE |", "|---|---|---|"]

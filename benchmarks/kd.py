@@ -130,9 +130,8 @@ def speed(plan: dict, methods: list[str], teachers: list[str], device: str, thre
     """Training images/s of every method's step (the engine's own), measured one after the other in
     one process on the plan's first student, so the numbers compare (accuracy runs may have shared
     the machine with other work)."""
-    import time
-
-    import torch
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from throughput import time_steps
 
     from mentor.engine import Trainer
 
@@ -145,16 +144,7 @@ def speed(plan: dict, methods: list[str], teachers: list[str], device: str, thre
         if threads:
             overrides.append(f"trainer.threads={threads}")
         tr = Trainer(load_config(ROOT / plan["student_recipe"], overrides))
-        tr.method.train()
-        sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
-        for step in range(warmup):
-            tr._train_step(step)
-        sync()
-        t0 = time.perf_counter()
-        for step in range(warmup, warmup + steps):
-            tr._train_step(step)
-        sync()
-        rates[m] = steps * plan["batch_size"] / (time.perf_counter() - t0)
+        rates[m] = steps * plan["batch_size"] / time_steps(tr, warmup, steps)
         print(f"{m}: {rates[m]:,.0f} img/s", file=sys.stderr, flush=True)
     return rates
 

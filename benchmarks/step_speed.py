@@ -36,7 +36,7 @@ from mentor.engine.trainer import hardware_name
 from mentor.models import create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import H100_BF16_DENSE_TFLOPS, synthetic_splits  # noqa: E402
+from throughput import H100_BF16_DENSE_TFLOPS, synthetic_splits, time_steps  # noqa: E402
 
 MODES = {
     # name: (precision, compile, cuda_graph, channels_last)
@@ -113,15 +113,7 @@ def engine_rate(args, splits, teacher_dir: Path, mode: str, out_dir: Path) -> tu
         "trainer.progress=false", f"out_dir={out_dir / mode}", "resume=false", "optim.lr=0.05",
     ])
     trainer = Trainer(cfg, splits=splits)
-    trainer.method.train()
-    for step in range(args.warmup):
-        trainer._train_step(step)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for step in range(args.warmup, args.warmup + args.steps):
-        trainer._train_step(step)
-    torch.cuda.synchronize()
-    rate = args.steps * args.batch / (time.perf_counter() - t0)
+    rate = args.steps * args.batch / time_steps(trainer, args.warmup, args.steps)
     loss = trainer.meter.read().get("loss", float("nan"))
     if not torch.isfinite(torch.tensor(loss)):
         raise RuntimeError(f"mode {mode}: the loss is not finite ({loss})")

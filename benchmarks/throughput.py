@@ -37,6 +37,21 @@ def synthetic_splits(n: int, channels: int, size: int, num_classes: int, seed: i
                   train_index=torch.arange(n))
 
 
+def time_steps(trainer: Trainer, warmup: int, steps: int) -> float:
+    """Seconds for ``steps`` of the engine's own training step after ``warmup`` steps, the device
+    synchronised only at the two ends (the steady state every speed figure here reports)."""
+    trainer.method.train()
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    for step in range(warmup):
+        trainer._train_step(step)
+    sync()
+    t0 = time.perf_counter()
+    for step in range(warmup, warmup + steps):
+        trainer._train_step(step)
+    sync()
+    return time.perf_counter() - t0
+
+
 def measure(args: argparse.Namespace) -> dict:
     overrides = [
         f"model.name={args.model}", f"data.batch_size={args.batch}", f"data.augment={args.augment}",
@@ -50,17 +65,8 @@ def measure(args: argparse.Namespace) -> dict:
     cfg = load_config(None, overrides)
     splits = synthetic_splits(max(4096, args.batch * 8), args.channels, args.size, args.classes)
     trainer = Trainer(cfg, splits=splits)
-    trainer.method.train()
     dev = trainer.device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    for step in range(args.warmup):
-        trainer._train_step(step)
-    sync()
-    t0 = time.perf_counter()
-    for step in range(args.warmup, args.warmup + args.steps):
-        trainer._train_step(step)
-    sync()
-    dt = time.perf_counter() - t0
+    dt = time_steps(trainer, args.warmup, args.steps)
     img_s = args.steps * args.batch / dt
     out = {
         "model": args.model, "batch": args.batch, "input": [args.channels, args.size, args.size],
