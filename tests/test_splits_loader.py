@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mentor.data import DeviceLoader, stratified_split, stratified_subset
-from mentor.data.loader import epoch_seed
+from mentor.data.loader import IndexSchedule, epoch_seed
 
 # ---------------------------------------------------------------------------------------- splits
 
@@ -142,9 +142,22 @@ def test_rank_sharding_union():
     assert len(set(torch.cat([r.indices(0) for r in ranks]).tolist())) == 12  # disjoint shards
 
 
+def test_split_smaller_than_a_batch_is_repeated_evenly():
+    # 10 samples, global batch 16: two copies per epoch, so each sample appears exactly twice in the
+    # epoch's single step (counted by hand over both ranks) and the ranks' shards are the epoch's order.
+    ranks = [make(n=10, batch_size=8, seed=0, rank=r, world_size=2)[0] for r in range(2)]
+    assert ranks[0].copies == 2 and ranks[0].steps_per_epoch == 1
+    for step in (0, 1, 5):
+        drawn = torch.cat([r.indices(step) for r in ranks]).tolist()
+        counts = torch.bincount(torch.tensor(drawn), minlength=10)
+        assert counts.max() <= 2 and counts.sum() == 16
+    # 40 labels, batch 64 (the SSL setting): never raises, 64 labels per step, each label <= 2 times.
+    sched = IndexSchedule(40, 64, seed=3)
+    assert sched.copies == 2 and sched.steps_per_epoch == 1
+    assert torch.bincount(sched.indices(7), minlength=40).max() <= 2
+
+
 def test_loader_validates():
-    with pytest.raises(ValueError, match="cannot fill one batch"):
-        make(n=10, batch_size=8, seed=0, world_size=2)
     with pytest.raises(ValueError, match="rank"):
         make(batch_size=2, seed=0, rank=2, world_size=2)
     small, _ = make(n=5, batch_size=4, seed=0, world_size=2, drop_last=False)

@@ -34,11 +34,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .engine.adapt import AdaptPlan, adapt, build_adapt_config
+
+    options = {}
+    if args.severities:
+        options["severities"] = tuple(args.severities)
+    if args.corruptions:
+        options["corruptions"] = tuple(args.corruptions)
+    if args.limit:
+        options["limit"] = args.limit
+    plan = AdaptPlan(run=args.run, shift=args.shift, setting=args.setting, root=args.root, options=options)
+    summary = adapt(plan, build_adapt_config(args.overrides))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
-        from .methods import METHODS, load_builtin_methods
+        from .methods import METHODS
 
-        load_builtin_methods()
         names = METHODS.names(args.pattern)
     elif args.what == "models":
         from .models import list_models
@@ -46,8 +61,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         names = list_models(args.pattern)
     elif args.what == "datasets":
         from .data import list_datasets
+        from .data.domains import list_domain_sets
 
-        names = [n for n in list_datasets() if fnmatch.fnmatch(n, args.pattern)]
+        names = sorted(n for n in list_datasets() + list_domain_sets() if fnmatch.fnmatch(n, args.pattern))
+    elif args.what == "shifts":
+        from .data.domains import list_domain_sets
+
+        names = list_domain_sets(args.pattern)
     else:
         from .data.augment import AUGMENTS
 
@@ -113,8 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.set_defaults(func=cmd_eval)
 
+    a = sub.add_parser("adapt", help="adapt a trained run online over the streams of a shift: "
+                       "mentor adapt RUN --shift fmnist_c [--setting reset|continual] [method.name=norm ...]")
+    a.add_argument("run", help="the source run directory (or checkpoint) of `mentor train`")
+    a.add_argument("--shift", required=True, help="a shift or domain set: fmnist_c, cifar10_c, digits_domains, ...")
+    a.add_argument("--setting", default="reset", help="reset (source state before every stream, default) or "
+                   "continual (state carried across streams)")
+    a.add_argument("--root", default=None, help="folder of a user's shift files (cifar10_c, domain folders)")
+    a.add_argument("--severities", type=int, nargs="*", help="corruption severities (default 5)")
+    a.add_argument("--corruptions", nargs="*", help="corruption names (default all 15)")
+    a.add_argument("--limit", type=int, default=None, help="first N images of every stream")
+    a.add_argument("overrides", nargs="*", help="method.name=norm data.batch_size=64 trainer.device=cuda out_dir=...")
+    a.set_defaults(func=cmd_adapt)
+
     ls = sub.add_parser("list", help="list registered methods, models, datasets or augmentations")
-    ls.add_argument("what", choices=["methods", "models", "datasets", "augments"])
+    ls.add_argument("what", choices=["methods", "models", "datasets", "shifts", "augments"])
     ls.add_argument("pattern", nargs="?", default="*", help="a glob, e.g. 'resnet*'")
     ls.set_defaults(func=cmd_list)
 
@@ -160,22 +193,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-    from .data import DataError
-    from .distill import TeacherError
-    from .engine import CheckpointError, CheckpointMismatchError, NonFiniteLossError
+    from .errors import MentorError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # `key=value` overrides may follow options (mentor adapt RUN --shift X method.name=norm)
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"mentor: recipe error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError, CheckpointMismatchError, NonFiniteLossError, TeacherError,
-            KeyError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"mentor: error: {msg}", file=sys.stderr)
+    except MentorError as e:
+        kind = "recipe error" if e.exit_code == 2 else "error"
+        print(f"mentor: {kind}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyError as e:  # a registry's "unknown name" message
+        print(f"mentor: error: {e.args[0] if e.args else e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("mentor: interrupted", file=sys.stderr)

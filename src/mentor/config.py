@@ -25,11 +25,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import ConfigError
 from .registry import suggest
-
-
-class ConfigError(ValueError):
-    """A recipe or override a user wrote is invalid; the message names the key and the fix."""
 
 
 @dataclass
@@ -38,6 +35,7 @@ class ModelConfig:
 
     name: str = "resnet20"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None  # a run directory or checkpoint whose network starts this one
 
 
 @dataclass
@@ -46,6 +44,17 @@ class DataConfig:
 
     ``val_size`` images are carved from the training set (stratified, seeded by ``split_seed``);
     ``subset`` keeps a stratified subset of the remaining training images (the low-data regime).
+
+    Few labels: ``labels_per_class`` keeps that many labelled images per class (stratified, seeded by
+    ``label_seed``, the fold); a method that consumes unlabelled data then gets the whole training
+    split (labelled images included, as in FixMatch and USB) as its unlabelled pool, in batches of
+    ``unlabeled_ratio * batch_size``. A labelled split smaller than a batch is repeated to fill it.
+
+    Domains: ``name`` may be a domain set (``rotated_fmnist``, ``digits_domains``, ``domain_folder``,
+    ``domain_list``); ``test_domains`` are held out (reported one by one, with their mean and worst),
+    ``domains`` are the training domains (default: all the others), each split into a training part
+    and a ``holdout_fraction`` validation part (DomainBed's in/out split, seeded by ``split_seed``);
+    validation is the union of the training domains' holdout parts.
 
     ``name: image_folder`` reads ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``root`` and
     ``test_root``), resized to ``image_size`` with ``channels`` 1 or 3; ``stream: true`` decodes batches
@@ -57,6 +66,12 @@ class DataConfig:
     val_size: int = 5000
     split_seed: int = 0
     subset: int | None = None
+    labels_per_class: int | None = None
+    label_seed: int = 0
+    unlabeled_ratio: float = 7.0
+    domains: list[str | int] | None = None
+    test_domains: list[str | int] = field(default_factory=list)
+    holdout_fraction: float = 0.2
     batch_size: int = 128
     eval_batch_size: int = 1000
     augment: str = "weak"
@@ -299,9 +314,7 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
 
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a raw recipe mapping into a RunConfig, resolving the method's own dataclass."""
-    from .methods import METHODS, load_builtin_methods
-
-    load_builtin_methods()
+    from .methods import METHODS
     raw = dict(raw)
     method_raw = raw.pop("method", None) or {"name": "supervised"}
     if isinstance(method_raw, str):
@@ -329,6 +342,22 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
     if t.ema is not None and not 0.0 < t.ema < 1.0:
         raise ConfigError(f"trainer.ema is a decay in (0, 1), got {t.ema}")
+    d = cfg.data
+    if d.labels_per_class is not None and d.labels_per_class < 1:
+        raise ConfigError(f"data.labels_per_class must be >= 1, got {d.labels_per_class}")
+    if d.labels_per_class is not None and d.subset is not None:
+        raise ConfigError("data.labels_per_class and data.subset both choose the labelled images: set one")
+    if not d.unlabeled_ratio > 0:
+        raise ConfigError(f"data.unlabeled_ratio (mu) must be > 0, got {d.unlabeled_ratio}")
+    if not 0.0 < d.holdout_fraction < 1.0:
+        raise ConfigError(f"data.holdout_fraction must lie in (0, 1), got {d.holdout_fraction}")
+    d.test_domains = [str(x) for x in d.test_domains]
+    if d.domains is not None:
+        d.domains = [str(x) for x in d.domains]
+        both = sorted(set(d.domains) & set(d.test_domains))
+        if both:
+            raise ConfigError(f"data.domains and data.test_domains share {both}: a held-out domain is never "
+                              "trained on")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:

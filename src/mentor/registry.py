@@ -23,9 +23,11 @@ def suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
 class Registry(Generic[T]):
     """A named collection of factories (classes or functions)."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, lazy: dict[str, str] | None = None):
+        """``lazy`` maps names to the modules that register them, imported on first use."""
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._lazy = dict(lazy or {})
 
     def register(self, name: str | None = None) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -38,6 +40,10 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        if name not in self._entries and name in self._lazy:
+            import importlib
+
+            importlib.import_module(self._lazy[name])
         try:
             return self._entries[name]
         except KeyError:
@@ -50,10 +56,10 @@ class Registry(Generic[T]):
         return self.get(name)(*args, **kwargs)  # type: ignore[operator]
 
     def names(self, pattern: str = "*") -> list[str]:
-        return sorted(k for k in self._entries if fnmatch.fnmatch(k, pattern))
+        return sorted(k for k in {**self._lazy, **self._entries} if fnmatch.fnmatch(k, pattern))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries
+        return name in self._entries or name in self._lazy
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(set(self._entries) | set(self._lazy))

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mentor.errors import DataError as DataError
+
 FETCH_HINT = "mentor data fetch {name} [--to DIR]"
-
-
-class DataError(Exception):
-    """A missing, truncated, corrupt or mismatched data file (the message says which and how to fix it)."""
 
 
 def refetch_hint(path: str | Path, name: str | None = None) -> str:

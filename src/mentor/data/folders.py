@@ -4,6 +4,10 @@ Layout: ``root/<class>/*.png`` for one domain, ``root/<domain>/<class>/*.png`` f
 benchmark (Office-31, Office-Home, PACS, DomainNet). Class indices follow the sorted class-folder
 names, taken over *all* domains under a root, so a class has the same index in every domain whichever
 subset of domains a run loads. Pillow is an optional extra, imported on first use.
+
+Multi-domain data may instead come as ``path label`` list files, one per domain (and split), with paths
+relative to the root (DomainNet, the Office lists): :func:`find_domain_lists`, :func:`read_image_list`,
+:class:`ImageList`. :func:`check_domain_layout` lists every problem of either layout in one go.
 """
 
 from __future__ import annotations
@@ -51,6 +55,13 @@ def list_domains(root: str | Path) -> list[str]:
     return _subfolders(root)
 
 
+def _image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder`` (recursively, sorted); none when it is not a folder."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def _size(size: int | tuple[int, int]) -> tuple[int, int]:
     h, w = (size, size) if isinstance(size, int) else size
     if h < 1 or w < 1:
@@ -58,33 +69,21 @@ def _size(size: int | tuple[int, int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
-class ImageFolder(Dataset):
-    """Images under ``root/<class>/`` (searched recursively), resized to ``size`` on read.
+class ImageFiles(Dataset):
+    """Labelled image files, each read, converted to ``mode`` and resized to ``size`` on access.
 
-    Items are ``(float tensor [C, H, W] in [0, 1], int label)``; ``mode`` is a Pillow mode
-    ("RGB" gives 3 channels, "L" gives 1). ``classes`` fixes the class order (default: this root's
-    sorted class folders); a class folder missing under this root simply contributes no images.
+    The shared reader behind :class:`ImageFolder` (labels from class folders) and :class:`ImageList`
+    (labels from a ``path label`` list file). Items are ``(float tensor [C, H, W] in [0, 1], int label)``;
+    ``mode`` is a Pillow mode ("RGB" gives 3 channels, "L" gives 1).
     """
 
-    def __init__(self, root: str | Path, size: int | tuple[int, int], classes: list[str] | None = None,
-                 mode: str = "RGB"):
+    def __init__(self, root: str | Path, samples: list[tuple[Path, int]], classes: list[str],
+                 size: int | tuple[int, int], mode: str = "RGB"):
         self.root = Path(root)
-        if not self.root.is_dir():
-            raise DataError(f"{self.root} is not a folder; expected {self.root}/<class>/<images>")
-        self.classes = list(classes) if classes is not None else find_classes(self.root)
-        if not self.classes:
-            raise DataError(f"{self.root} has no class sub-folders; expected {self.root}/<class>/*.png")
+        self.samples = list(samples)
+        self.classes = list(classes)
         self.size = _size(size)
         self.mode = mode
-        self.samples: list[tuple[Path, int]] = []
-        for label, name in enumerate(self.classes):
-            folder = self.root / name
-            if folder.is_dir():
-                files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-                self.samples += [(p, label) for p in files]
-        if not self.samples:
-            raise DataError(f"{self.root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class "
-                            f"folders {self.classes[:5]}")
 
     @property
     def num_classes(self) -> int:
@@ -125,6 +124,44 @@ class ImageFolder(Dataset):
                             list(self.classes), mean, std)
 
 
+class ImageFolder(ImageFiles):
+    """Images under ``root/<class>/`` (searched recursively), resized to ``size`` on read.
+
+    Items are ``(float tensor [C, H, W] in [0, 1], int label)``; ``mode`` is a Pillow mode
+    ("RGB" gives 3 channels, "L" gives 1). ``classes`` fixes the class order (default: this root's
+    sorted class folders); a class folder missing under this root simply contributes no images.
+    """
+
+    def __init__(self, root: str | Path, size: int | tuple[int, int], classes: list[str] | None = None,
+                 mode: str = "RGB"):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root} is not a folder; expected {root}/<class>/<images>")
+        classes = list(classes) if classes is not None else find_classes(root)
+        if not classes:
+            raise DataError(f"{root} has no class sub-folders; expected {root}/<class>/*.png")
+        samples: list[tuple[Path, int]] = []
+        for label, name in enumerate(classes):
+            samples += [(p, label) for p in _image_files(root / name)]
+        if not samples:
+            raise DataError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class "
+                            f"folders {classes[:5]}")
+        super().__init__(root, samples, classes, size, mode)
+
+
+class ImageList(ImageFiles):
+    """The images a ``path label`` list names, paths relative to ``root`` (DomainNet/Office style).
+
+    ``entries`` are ``(relative path, label)`` pairs as :func:`read_image_list` returns them; the class
+    names are given (lists carry only integer labels).
+    """
+
+    def __init__(self, root: str | Path, entries: list[tuple[str, int]], classes: list[str],
+                 size: int | tuple[int, int], mode: str = "RGB"):
+        root = Path(root)
+        super().__init__(root, [(root / rel, label) for rel, label in entries], classes, size, mode)
+
+
 def image_folder_domains(root: str | Path, size: int | tuple[int, int], domains: list[str] | None = None,
                          mode: str = "RGB") -> dict[str, ImageFolder]:
     """One ``ImageFolder`` per domain under ``root/<domain>/<class>/``, all sharing one class order."""
@@ -139,3 +176,191 @@ def image_folder_domains(root: str | Path, size: int | tuple[int, int], domains:
                             f"Found: {', '.join(available)}")
     classes = find_classes(*(root / d for d in available))
     return {d: ImageFolder(root / d, size, classes=classes, mode=mode) for d in chosen}
+
+
+# ------------------------------------------------------------------------------------ list files
+#
+# DomainNet and the Office benchmarks ship one text file per domain (and split) whose lines read
+# ``relative/path/to/image.jpg <int label>``, the paths relative to the dataset root: e.g. DomainNet's
+# ``clipart_train.txt`` / ``clipart_test.txt``, or TLlib's ``image_list/<domain>.txt``.
+
+LIST_SPLITS = ("train", "test")
+LIST_FOLDERS = (".", "image_list")  # where list files are looked for, relative to the root
+_SHOWN = 3  # problems of one kind that a report spells out before summarising the rest as a count
+
+
+def find_domain_lists(root: str | Path) -> dict[str, list[Path]]:
+    """Domain name -> its list files: ``<domain>.txt``, or ``<domain>_train.txt`` then ``<domain>_test.txt``.
+
+    Files are looked for in ``root`` and, when it holds none, in ``root/image_list`` (TLlib's layout);
+    the domains come out sorted, as folder domains do.
+    """
+    root = Path(root)
+    for sub in LIST_FOLDERS:
+        folder = root / sub
+        files = sorted(folder.glob("*.txt")) if folder.is_dir() else []
+        if files:
+            break
+    else:
+        return {}
+    found: dict[str, list[Path]] = {}
+    for path in files:
+        found.setdefault(_split_list_name(path.stem)[0], []).append(path)
+    # The train list comes before the test list, so a domain's images have a fixed order.
+    order = {None: 0, **{s: i + 1 for i, s in enumerate(LIST_SPLITS)}}
+    return {d: sorted(ps, key=lambda p: order[_split_list_name(p.stem)[1]]) for d, ps in sorted(found.items())}
+
+
+def _split_list_name(stem: str) -> tuple[str, str | None]:
+    """``clipart_train`` -> (``clipart``, ``train``); ``amazon`` -> (``amazon``, None)."""
+    for split in LIST_SPLITS:
+        if stem.endswith(f"_{split}") and len(stem) > len(split) + 1:
+            return stem[: -len(split) - 1], split
+    return stem, None
+
+
+def read_image_list(path: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """The ``(relative path, label)`` entries of one list file, and one problem per unreadable line.
+
+    A line is a path and an integer label separated by white space; the label is the last field, so a
+    path may itself contain spaces. Blank lines and lines starting with ``#`` are skipped.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        return [], [f"{path}: cannot be read ({e})"]
+    entries: list[tuple[str, int]] = []
+    bad: list[str] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.rsplit(maxsplit=1)
+        try:
+            entries.append((fields[0], int(fields[1])))
+        except (IndexError, ValueError):
+            bad.append(f"{path.name}:{number}")
+    problems = []
+    if bad:
+        problems.append(f"{path}: {_count(bad, 'line')} not `relative/path <int label>`: {_some(bad)}")
+    return entries, problems
+
+
+def check_domain_layout(root: str | Path, kind: str = "folder") -> list[str]:
+    """Every problem that would stop a multi-domain tree from loading, one line each ([] when it is usable).
+
+    ``kind="folder"``: ``root/<domain>/<class>/<images>``; every domain must have the same class folders,
+    none of them empty. ``kind="list"``: ``root/<domain>.txt`` (or ``<domain>_train.txt`` and
+    ``<domain>_test.txt``) with ``relative/path <label>`` lines whose files exist and whose labels
+    number the classes 0..K-1, every domain using every label. Nothing is raised: the lines are meant to
+    be printed as they are (``domain_folder`` and ``domain_list`` raise them as one ``DataError``).
+    """
+    root = Path(root)
+    if kind not in ("folder", "list"):
+        raise ValueError(f"kind must be 'folder' or 'list', got {kind!r}")
+    if not root.is_dir():
+        return [f"{root} is not a folder"]
+    return _check_folder_layout(root) if kind == "folder" else _check_list_layout(root)
+
+
+def _check_folder_layout(root: Path) -> list[str]:
+    domains = _subfolders(root)
+    if not domains:
+        return [f"{root} has no domain folders; expected {root}/<domain>/<class>/<images>"]
+    classes = {d: _subfolders(root / d) for d in domains}
+    problems = [f"domain {d} has no class folders" for d in domains if not classes[d]]
+    problems += _missing_classes({d: set(c) for d, c in classes.items() if c})
+    for d in domains:
+        problems += [f"domain {d} class {c} is empty" for c in classes[d] if not _image_files(root / d / c)]
+    return problems
+
+
+def _check_list_layout(root: Path) -> list[str]:
+    lists = find_domain_lists(root)
+    if not lists:
+        return [f"{root} has no list files; expected {root}/<domain>.txt (or <domain>_train.txt and "
+                f"<domain>_test.txt) with lines `relative/path/to/image.jpg <int label>`"]
+    problems: list[str] = []
+    labels: dict[str, set[int]] = {}
+    for domain, files in lists.items():
+        whole = [p for p in files if _split_list_name(p.stem)[1] is None]
+        if whole and len(files) > len(whole):
+            problems.append(f"domain {domain} has both {whole[0].name} and per-split lists "
+                            f"({', '.join(p.name for p in files if p not in whole)}); keep one form")
+        labels[domain] = set()
+        for path in files:
+            entries, unreadable = read_image_list(path)
+            problems += unreadable
+            if not entries and not unreadable:
+                problems.append(f"{path} lists no images")
+            problems += _missing_files(root, path, entries)
+            problems += _bad_labels(path, entries)
+            labels[domain].update(label for _, label in entries if label >= 0)
+    problems += _unused_labels(labels)
+    problems += _missing_classes({d: ls for d, ls in labels.items() if ls}, what="label")
+    return problems
+
+
+def _unused_labels(labels: dict[str, set[int]]) -> list[str]:
+    """Labels below the largest that no list uses: the numbering does not run 0..K-1."""
+    used = set().union(*labels.values())
+    unused = sorted(set(range(max(used) + 1)) - used) if used else []
+    if not unused:
+        return []
+    # PACS' official lists (and TLlib's copies) number their 7 classes 1..7.
+    hint = " (lists numbered from 1 need 1 subtracted from every label)" if unused == [0] else ""
+    return [f"labels must number the classes 0..K-1, but no list uses {_count(unused, 'label')} "
+            f"{_some([str(u) for u in unused])}{hint}"]
+
+
+def _missing_files(root: Path, path: Path, entries: list[tuple[str, int]]) -> list[str]:
+    missing = [rel for rel, _ in entries if not (root / rel).is_file()]
+    if not missing:
+        return []
+    return [f"{path}: {_count(missing, 'listed image')} not found under {root}: {_some(missing)}"]
+
+
+def _bad_labels(path: Path, entries: list[tuple[str, int]]) -> list[str]:
+    negative = [f"{rel} {label}" for rel, label in entries if label < 0]
+    if not negative:
+        return []
+    return [f"{path}: {_count(negative, 'label')} out of range (below 0): {_some(negative)}"]
+
+
+def _missing_classes(have: dict[str, set], what: str = "class") -> list[str]:
+    """One problem per domain lacking classes (folder names or labels) that other domains have."""
+    everything = set().union(*have.values()) if have else set()
+    problems = []
+    for d, own in have.items():
+        lacking = sorted(everything - own)
+        if lacking:
+            problems.append(f"domain {d} lacks {_count(lacking, what)} other domains have: "
+                            f"{_some([str(c) for c in lacking])}")
+    return problems
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else ('es' if noun.endswith('s') else 's')}"
+
+
+def _some(items: list[str]) -> str:
+    """The first few items, then how many more there are."""
+    shown = ", ".join(items[:_SHOWN])
+    return shown if len(items) <= _SHOWN else f"{shown} (+{len(items) - _SHOWN} more)"
+
+
+def layout_error(root: str | Path, kind: str, problems: list[str]) -> DataError:
+    """One ``DataError`` paragraph listing a tree's layout problems and how the layout should look."""
+    root = Path(root)
+    if kind == "folder":
+        fix = (f"arrange the data as {root}/<domain>/<class>/<image files>, with the same class folders in "
+               f"every domain and none of them empty")
+    else:
+        fix = (f"give each domain a list file {root}/<domain>.txt (or <domain>_train.txt and "
+               f"<domain>_test.txt) whose lines read `relative/path/to/image.jpg <label>`, paths relative "
+               f"to {root} and labels numbering the classes 0..K-1")
+    lines = [f"{root} is not a usable multi-domain {kind} tree ({_count(problems, 'problem')}):"]
+    lines += [f"  - {p}" for p in problems]
+    lines.append(f"Fix: {fix}, then load it again.")
+    return DataError("\n".join(lines))

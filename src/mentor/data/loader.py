@@ -32,6 +32,11 @@ class IndexSchedule:
     With ``drop_last=False`` the last step of an epoch is filled up by wrapping round to the start of
     the same permutation (as ``DistributedSampler`` pads), so every rank still gets ``B`` samples and
     every sample is seen at least once per epoch.
+
+    A split smaller than one global batch (40 labels, batch 64) is repeated ``k = ceil(B*W / N)``
+    times and the epoch's order is a permutation of the ``k*N`` copies, as FixMatch's reference code
+    expands its labelled indices: every image is drawn equally often, and a batch may hold an image
+    more than once.
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
@@ -41,11 +46,9 @@ class IndexSchedule:
                              f"batch_size={batch_size}, rank={rank}, world_size={world_size}")
         self.n = int(n)
         self.global_batch = batch_size * world_size
-        if drop_last and self.n < self.global_batch:
-            raise ValueError(f"{self.n} samples cannot fill one batch of {batch_size} x {world_size} "
-                             f"ranks with drop_last=True; lower batch_size or pass drop_last=False")
         if self.n == 0:
             raise ValueError("cannot draw batches from an empty dataset")
+        self.copies = -(-self.global_batch // self.n) if drop_last else 1
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -58,7 +61,7 @@ class IndexSchedule:
     @property
     def steps_per_epoch(self) -> int:
         if self.drop_last:
-            return self.n // self.global_batch
+            return self.n * self.copies // self.global_batch
         return -(-self.n // self.global_batch)
 
     def __len__(self) -> int:
@@ -68,7 +71,9 @@ class IndexSchedule:
         """The order of the N samples in ``epoch`` (on the device; cached for the current epoch)."""
         if epoch != self._epoch:
             gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
-            perm = torch.randperm(self.n, generator=gen)
+            perm = torch.randperm(self.n * self.copies, generator=gen)
+            if self.copies > 1:
+                perm = perm % self.n
             if not self.drop_last and self.n % self.global_batch:
                 # Append the wrap-around once per epoch so every step is a plain slice.
                 pad = self.steps_per_epoch * self.global_batch - self.n

@@ -21,12 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ..engine.checkpoint import atomic_write_bytes
+from ..errors import SampleError
 from ..registry import suggest
-
-
-class SampleError(ValueError):
-    """A sampling request that cannot be served (unknown solver, unreachable NFE, bad class label)."""
-
 
 # --------------------------------------------------------------------------------------------------
 # budget

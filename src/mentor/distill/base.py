@@ -38,7 +38,7 @@ class Distiller(Method):
         if not cfg.teacher:
             raise ConfigError(f"method.teacher is required for {cfg.name!r}: the run directory of a trained "
                               "teacher, e.g. method.teacher=runs/supervised/fmnist_resnet20")
-        self.teacher = load_teacher(cfg.teacher, info)
+        self.add_teacher("teacher", load_teacher(cfg.teacher, info))
 
     @torch.no_grad()
     def teacher_logits(self, x: Tensor) -> Tensor:
@@ -54,7 +54,7 @@ class MultiTeacherDistiller(Method):
         super().__init__(cfg, student, info)
         if len(cfg.teachers) < 1:
             raise ConfigError(f"method.teachers is required for {cfg.name!r}: a list of teacher run directories")
-        self.teachers = nn.ModuleList([load_teacher(t, info) for t in cfg.teachers])
+        self.add_teacher("teachers", nn.ModuleList([load_teacher(t, info) for t in cfg.teachers]))
 
     @torch.no_grad()
     def teacher_logits(self, x: Tensor) -> Tensor:

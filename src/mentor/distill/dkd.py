@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..methods import StepContext, register_method
+from ..nn import ramp
 from .base import DistillConfig
 from .kd import KD
 from .losses.logit import dkd_loss
 
 
-def warmup_factor(ctx: StepContext, warmup_epochs: float) -> float | Tensor:
+def warmup_factor(ctx: StepContext, warmup_epochs: float) -> Tensor:
     """Linear warm-up of the distillation terms over ``warmup_epochs`` epochs, per step, in (0, 1].
 
     ``min((step + 1) / (warmup_epochs * steps_per_epoch), 1)``. The reference (mdistiller) uses
@@ -21,12 +22,7 @@ def warmup_factor(ctx: StepContext, warmup_epochs: float) -> float | Tensor:
     last step of every epoch, ramps smoothly in between, never multiplies the terms by 0, and reaches
     1 at the last step of epoch W (one epoch later than the reference's constant-per-epoch ramp).
     """
-    span = warmup_epochs * ctx.steps_per_epoch
-    if span <= 0:
-        return 1.0
-    if isinstance(ctx.step, Tensor):  # a captured step: computed on the device
-        return ((ctx.step + 1) / span).clamp(max=1.0)
-    return min((ctx.step + 1) / span, 1.0)
+    return ramp(ctx.step, warmup_epochs * ctx.steps_per_epoch)
 
 
 @register_method("dkd")

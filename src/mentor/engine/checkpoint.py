@@ -10,9 +10,7 @@ from typing import Any
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file is missing, unreadable or does not match the run."""
+from ..errors import CheckpointError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -78,3 +76,43 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((v, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------------------------
+# networks saved by runs (teachers, source models, init_from)
+
+
+def find_checkpoint(path: str | Path, what: str = "run") -> Path:
+    """The checkpoint of a run directory (best.pt, else last.pt) or the file itself."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(f"{what} {str(p)!r} holds no best.pt or last.pt: train it first "
+                              f"(mentor train RECIPE out_dir={p})")
+    if p.is_file():
+        return p
+    raise CheckpointError(f"{what} {str(p)!r} not found: give the run directory or checkpoint of a "
+                          "`mentor train` run")
+
+
+def network_state(state: dict[str, Any], file: Path) -> dict[str, Any]:
+    """The deployable network's weights in a checkpoint: best.pt's ``model``, or the student of a
+    supervised run's last.pt."""
+    if "model" in state:
+        return state["model"]
+    if "method" in state and state.get("info", {}).get("method") == "supervised":
+        prefix = "student."
+        return {k[len(prefix):]: v for k, v in state["method"].items() if k.startswith(prefix)}
+    raise CheckpointError(f"{file} holds no network weights usable here (use best.pt of the run)")
+
+
+def run_info(path: str | Path, what: str = "run") -> tuple[Path, dict[str, Any], dict[str, Any]]:
+    """(checkpoint file, its ``info`` (model, classes, shape, dataset, normalisation), its weights)."""
+    file = find_checkpoint(path, what)
+    state = load(file)
+    info = state.get("info")
+    if not info:
+        raise CheckpointError(f"{file} does not say which network it holds (no 'info'): retrain it")
+    return file, info, network_state(state, file)

@@ -22,9 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-
-class GraphCaptureError(RuntimeError):
-    """The method's training step cannot be captured as a CUDA graph (the message says why)."""
+from ..errors import GraphCaptureError
 
 
 def check_capturable(device: torch.device, distributed: bool, accumulate: int, phases: list[Any]) -> None:

@@ -1,4 +1,10 @@
-"""The step's inputs: a labelled batch drawn on the device, augmented into the method's named views."""
+"""The step's inputs: every part a method declares (:class:`~mentor.methods.base.Inputs`), drawn on the
+device as a pure function of (seed, step) and augmented into the method's named views.
+
+:func:`load_splits` carves the recipe's data into the splits of the protocol: labelled training data
+(all of it, a stratified subset, or ``labels_per_class``), the unlabelled pool, the training domains,
+the validation split (from the training data or the training domains only) and the named test splits.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +13,39 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..config import DataConfig
+from ..config import ConfigError, DataConfig
 from ..data import ArrayDataset, DeviceLoader, load_dataset, stratified_split, stratified_subset
 from ..data.augment import build_augment
 from ..data.stream import StreamLoader
+from ..methods.base import Inputs
 
 
 @dataclass
 class Splits:
-    """Train / validation / test tensors (uint8 images) of one dataset, carved per the protocol."""
+    """The splits of one run (uint8 images), carved per the protocol.
 
-    train: ArrayDataset
+    ``train`` is the labelled training data (pooled over the training domains; None when the method
+    takes no data), ``val`` selects the model, ``test`` is the test split, or the first of ``tests``
+    when several named test splits are reported (held-out domains). ``unlabeled`` is the unlabelled
+    pool and ``domains`` the training domains' labelled parts, where the recipe has them.
+    """
+
+    train: ArrayDataset | None
     val: ArrayDataset
     test: ArrayDataset
     train_index: Tensor  # positions of ``train`` images in the official training set
+    unlabeled: ArrayDataset | None = None
+    domains: dict[str, ArrayDataset] | None = None
+    tests: dict[str, ArrayDataset] | None = None
+
+    def test_splits(self) -> dict[str, ArrayDataset]:
+        """The named test splits a run reports (one split named "test" for an ordinary dataset)."""
+        return dict(self.tests) if self.tests else {"test": self.test}
+
+    @property
+    def reference(self) -> ArrayDataset:
+        """The split whose class list, image shape and normalisation the run uses."""
+        return self.train if self.train is not None else self.val
 
 
 def _folder_splits(cfg: DataConfig):
@@ -56,21 +81,95 @@ def _folder_splits(cfg: DataConfig):
     return full, FolderSplit(test, mean=full.mean, std=full.std, num_workers=cfg.num_workers, name=root.name)
 
 
+def _labelled_positions(labels: Tensor, cfg: DataConfig) -> Tensor:
+    """Positions (into ``labels``) of the labelled images: all, a stratified subset, or k per class."""
+    if cfg.labels_per_class is not None:
+        counts = torch.bincount(labels)
+        if int(counts.min()) < cfg.labels_per_class:
+            small = int(counts.argmin())
+            raise ConfigError(
+                f"data.labels_per_class={cfg.labels_per_class} is larger than class {small}, which has "
+                f"{int(counts.min())} training images after the validation split; lower it (or data.val_size)")
+        return stratified_subset(labels, cfg.labels_per_class * len(counts), seed=cfg.label_seed)
+    if cfg.subset is not None:
+        if cfg.subset > len(labels):
+            raise ConfigError(f"data.subset={cfg.subset} is larger than the {len(labels)} training images "
+                              "left after the validation split; lower it")
+        return stratified_subset(labels, cfg.subset, seed=cfg.split_seed)
+    return torch.arange(len(labels))
+
+
+def _domain_splits(cfg: DataConfig, domain_set) -> Splits:
+    """Training domains split into (train, holdout); held-out domains are the test splits."""
+    names = domain_set.names()
+    tests = domain_set.check_names(cfg.test_domains, "data.test_domains")
+    train_names = (domain_set.check_names(cfg.domains, "data.domains") if cfg.domains is not None
+                   else [n for n in names if n not in tests])
+    if not train_names:
+        raise ConfigError(f"data.test_domains holds every domain of {cfg.name} ({', '.join(names)}): "
+                          "leave at least one to train on")
+    if not tests:
+        raise ConfigError(f"data.test_domains is empty: name the held-out domain(s) of {cfg.name}, "
+                          f"one or more of {', '.join(names)}")
+    parts, holdouts = {}, []
+    for i, name in enumerate(train_names):
+        ds = domain_set.domains[name]
+        tr, ho = stratified_split(ds.labels, cfg.holdout_fraction, seed=cfg.split_seed + 1000 * i)
+        parts[name] = ds.subset(tr)
+        holdouts.append(ds.subset(ho))
+    first = domain_set.first
+    pooled = _concat(list(parts.values()), first, f"{cfg.name}:{'+'.join(train_names)}")
+    keep = _labelled_positions(pooled.labels, cfg)
+    val = _concat(holdouts, first, f"{cfg.name}:holdout")
+    test_sets = {n: domain_set.domains[n] for n in tests}
+    return Splits(train=pooled.subset(keep), val=val, test=next(iter(test_sets.values())),
+                  train_index=keep, unlabeled=pooled if len(keep) < len(pooled) else None,
+                  domains=parts, tests=test_sets)
+
+
+def _concat(parts: list[ArrayDataset], like: ArrayDataset, name: str) -> ArrayDataset:
+    return ArrayDataset(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]),
+                        like.num_classes, name, list(like.classes), like.mean, like.std)
+
+
 def load_splits(cfg: DataConfig) -> Splits:
-    """Official train split -> stratified (train, val); optional stratified training subset; test."""
+    """Official train split -> stratified (train, val); labelled subset and unlabelled pool; test.
+
+    A domain set (``data.name`` of :func:`mentor.data.domains.load_domains`) gives per-domain splits."""
+    from ..data.domains import is_domain_set, list_domain_sets, load_domains
+
+    if is_domain_set(cfg.name):
+        options = {"image_size": cfg.image_size, "channels": cfg.channels} if cfg.name.startswith("domain_") else {}
+        return _domain_splits(cfg, load_domains(cfg.name, root=cfg.root, **options))
+    if cfg.domains or cfg.test_domains:
+        raise ConfigError(f"data.domains/data.test_domains need a domain set as data.name, not {cfg.name!r}; "
+                          f"domain sets: {', '.join(list_domain_sets())}")
     if cfg.name == "image_folder":
         full, test = _folder_splits(cfg)
     else:
         full = load_dataset(cfg.name, split="train", root=cfg.root)
         test = load_dataset(cfg.name, split="test", root=cfg.root)
+    if cfg.val_size >= len(full.labels):
+        raise ConfigError(f"data.val_size={cfg.val_size} leaves no training images: {cfg.name} has "
+                          f"{len(full.labels)}; lower it")
     if cfg.val_size > 0:
         tr_idx, va_idx = stratified_split(full.labels, cfg.val_size, seed=cfg.split_seed)
     else:
         tr_idx, va_idx = torch.arange(len(full.labels)), torch.arange(0)
-    if cfg.subset is not None:
-        keep = stratified_subset(full.labels[tr_idx], cfg.subset, seed=cfg.split_seed)
-        tr_idx = tr_idx[keep]
-    return Splits(train=full.subset(tr_idx), val=full.subset(va_idx), test=test, train_index=tr_idx)
+    keep = _labelled_positions(full.labels[tr_idx], cfg)
+    unlabeled = full.subset(tr_idx) if len(keep) < len(tr_idx) and not cfg.stream else None
+    tr_idx = tr_idx[keep]
+    return Splits(train=full.subset(tr_idx), val=full.subset(va_idx), test=test, train_index=tr_idx,
+                  unlabeled=unlabeled)
+
+
+def data_free_splits(cfg: DataConfig, info: dict) -> Splits:
+    """Splits of a run that trains on no data: only the real validation and test splits of the dataset
+    the source run was trained on, for reporting (never for training)."""
+    full = load_dataset(info["dataset"], split="train", root=cfg.root)
+    test = load_dataset(info["dataset"], split="test", root=cfg.root)
+    _, va_idx = stratified_split(full.labels, min(cfg.val_size, len(full.labels) // 2), seed=cfg.split_seed)
+    return Splits(train=None, val=full.subset(va_idx), test=test, train_index=torch.arange(0))
 
 
 def normalize(x_u8: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -102,42 +201,104 @@ def view_augment(name: str, cfg: DataConfig):
     return build_augment(name)
 
 
-class TrainInputs:
-    """Draws batch ``step`` (a pure function of seed and step) and makes every view the method wants.
+class _Part:
+    """One stream of the batch: a loader (or one per domain) and the views made of its images."""
 
-    The view named ``"train"`` is the recipe's ``data.augment``; any other view name is an
-    augmentation name (``weak``, ``strong``, ``none``). Each view has its own generator seeded from
-    (seed, step, rank, view), so the same step always gives the same pixels.
-    """
-
-    def __init__(self, splits: Splits, cfg: DataConfig, views: tuple[str, ...], seed: int, rank: int,
-                 world_size: int, device: torch.device, channels_last: bool = False):
-        if isinstance(splits.train, ArrayDataset):
-            self.loader = DeviceLoader(splits.train.images, splits.train.labels, cfg.batch_size, seed,
-                                       rank=rank, world_size=world_size, device=device)
-        else:
-            self.loader = StreamLoader(splits.train, cfg.batch_size, seed, rank=rank, world_size=world_size,
-                                       device=device)
-        self.seed, self.rank, self.device = seed, rank, device
-        self.channels_last = channels_last
-        self.mean, self.std = stat_tensors(splits.train, device)
-        self.views = [(v, view_augment(cfg.augment if v == "train" else v, cfg)) for v in views]
+    def __init__(self, loaders: list, views: list, prefix: str, tag: int):
+        self.loaders, self.views, self.prefix, self.tag = loaders, views, prefix, tag
 
     @property
     def steps_per_epoch(self) -> int:
-        return self.loader.steps_per_epoch
+        return max(ld.steps_per_epoch for ld in self.loaders)
+
+
+class TrainInputs:
+    """Draws batch ``step`` (a pure function of seed and step) with every part the method declares.
+
+    Labelled views are ``x_<view>`` (``x`` the first), with ``y`` and ``index``; unlabelled views are
+    ``u_<view>`` (``u`` the first) with ``u_index``, and the unlabelled batch's true labels under
+    ``_u_y`` (the engine moves them into ``ctx`` for diagnostics; the method never sees them). Each view
+    has its own generator seeded from (seed, step, rank, part, view), so the same step always gives
+    the same pixels. With ``Inputs(domains=True)`` the labelled batch is ``batch_size`` images from
+    each training domain in order, with ``domain``.
+    """
+
+    def __init__(self, splits: Splits, cfg: DataConfig, inputs: Inputs | tuple[str, ...], seed: int, rank: int,
+                 world_size: int, device: torch.device, channels_last: bool = False):
+        if not isinstance(inputs, Inputs):
+            inputs = Inputs(labeled=tuple(inputs))
+        self.spec = inputs
+        self.seed, self.rank, self.device = seed, rank, device
+        self.channels_last = channels_last
+        ref = splits.reference
+        self.mean, self.std = stat_tensors(ref, device)
+        self.parts: list[_Part] = []
+        self._offsets: list[int] = [0]
+
+        def loader(ds, batch, salt):
+            if isinstance(ds, ArrayDataset):
+                return DeviceLoader(ds.images, ds.labels, batch, _mix(seed, salt) if salt else seed,
+                                    rank=rank, world_size=world_size, device=device)
+            return StreamLoader(ds, batch, seed, rank=rank, world_size=world_size, device=device)
+
+        def views(names):
+            return [(v, view_augment(cfg.augment if v == "train" else v, cfg)) for v in names]
+
+        if inputs.labeled:
+            if inputs.domains:
+                if not splits.domains:
+                    raise ConfigError(f"this method trains on per-domain batches: data.name must be a domain set "
+                                      f"(rotated_fmnist, digits_domains, domain_folder, ...), not {cfg.name!r}")
+                doms = list(splits.domains.values())
+                loaders = [loader(d, cfg.batch_size, 1 + i) for i, d in enumerate(doms)]
+                for d in doms[:-1]:
+                    self._offsets.append(self._offsets[-1] + len(d))
+            else:
+                loaders = [loader(splits.train, cfg.batch_size, 0)]
+            self.parts.append(_Part(loaders, views(inputs.labeled), "x", 0))
+        if inputs.unlabeled:
+            pool = splits.unlabeled if splits.unlabeled is not None else splits.train
+            mu_batch = max(1, round(cfg.unlabeled_ratio * cfg.batch_size))
+            self.parts.append(_Part([loader(pool, mu_batch, 7919)], views(inputs.unlabeled), "u", 1))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Steps in one pass over the largest stream (1 without data)."""
+        return max([p.steps_per_epoch for p in self.parts] or [1])
+
+    def _draw(self, part: _Part, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        if len(part.loaders) == 1:
+            x, y = part.loaders[0].batch(step)
+            return x, y, part.loaders[0].indices(step).to(self.device), None
+        xs, ys, idx, dom = [], [], [], []
+        for i, (ld, off) in enumerate(zip(part.loaders, self._offsets)):
+            x, y = ld.batch(step)
+            xs.append(x)
+            ys.append(y)
+            idx.append(ld.indices(step).to(self.device) + off)
+            dom.append(torch.full((len(y),), i, dtype=torch.long, device=self.device))
+        return torch.cat(xs), torch.cat(ys), torch.cat(idx), torch.cat(dom)
 
     def __call__(self, step: int) -> dict[str, Tensor]:
-        x_u8, y = self.loader.batch(step)
-        batch: dict[str, Tensor] = {"y": y, "index": self.loader.indices(step).to(self.device)}
-        for i, (name, aug) in enumerate(self.views):
-            g = torch.Generator(device=self.device)
-            g.manual_seed(_mix(self.seed, step, self.rank, i))
-            x = aug(x_u8.float().div_(255.0), g)
-            x = (x - self.mean) / self.std
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            batch[f"x_{name}"] = x
-            if i == 0:
-                batch["x"] = x
+        batch: dict[str, Tensor] = {}
+        for part in self.parts:
+            x_u8, y, index, domain = self._draw(part, step)
+            if part.prefix == "x":
+                batch.update(y=y, index=index)
+                if domain is not None:
+                    batch["domain"] = domain
+            else:
+                batch.update(u_index=index, _u_y=y)
+            for i, (name, aug) in enumerate(part.views):
+                g = torch.Generator(device=self.device)
+                # Labelled views keep the seeds (seed, step, rank, view) of a single-stream batch.
+                g.manual_seed(_mix(self.seed, step, self.rank, i) if part.tag == 0
+                              else _mix(self.seed, step, self.rank, i, part.tag))
+                x = aug(x_u8.float().div_(255.0), g)
+                x = (x - self.mean) / self.std
+                if self.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                batch[f"{part.prefix}_{name}"] = x
+                if i == 0:
+                    batch[part.prefix] = x
         return batch

@@ -12,11 +12,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..errors import ContractError
+from ..errors import NonFiniteLossError as NonFiniteLossError
 from .distributed import Dist, all_reduce_max, all_reduce_sum
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; the message names the step, the term and the last checkpoint."""
 
 
 class _Terms:
@@ -42,8 +40,9 @@ class Meter:
         if terms is None:
             terms = self.phases[phase] = _Terms(list(out), first)
         elif list(out) != terms.names:
-            raise RuntimeError(f"training_step returned terms {sorted(out)} in phase {phase!r}, "
-                               f"earlier {sorted(terms.names)}: a method must return the same terms every step")
+            raise ContractError(f"training_step returned the terms {sorted(out)} in phase {phase!r}, earlier "
+                                f"steps {sorted(terms.names)}: a method returns the same terms every step (rule 2 "
+                                "of mentor.methods.base); return 0 for a term not due")
         values = torch.stack([out[k].detach().float().reshape(()) for k in terms.names])
         terms.sum += values
         terms.bad_step.copy_(torch.where(~torch.isfinite(values) & (terms.bad_step < 0), step, terms.bad_step))

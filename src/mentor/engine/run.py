@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, load_config
+from ..methods import METHODS
 from . import checkpoint as ckpt
 from .evaluate import Evaluator
-from .inputs import TrainInputs, load_splits, stat_tensors
-from .trainer import autocast_for, build_method, resolve_device
+from .inputs import TrainInputs, stat_tensors
+from .trainer import autocast_for, build_method, resolve_device, source_splits
 
 
 def _locate(path: str | Path) -> tuple[Path, Path]:
@@ -32,12 +33,14 @@ def load_run(path: str | Path, device: str = "auto"):
         raise ConfigError(f"{run_dir / 'config.yaml'} not found: the checkpoint needs its run's config.yaml")
     cfg = load_config(run_dir / "config.yaml")
     dev = resolve_device(device)
-    splits = load_splits(cfg.data)
+    splits = source_splits(cfg, METHODS.get(cfg.method.name))
     method = build_method(cfg, splits, dev, steps_per_epoch=1)
     method.to(dev)
     # Connectors are sized by a dry run, so the method must see a batch before its weights load.
-    inputs = TrainInputs(splits, cfg.data, type(method).views, cfg.trainer.seed, 0, 1, dev)
-    method.setup(inputs(0))
+    inputs = TrainInputs(splits, cfg.data, type(method).inputs, cfg.trainer.seed, 0, 1, dev)
+    batch = inputs(0)
+    batch.pop("_u_y", None)
+    method.setup(batch)
     method.to(dev)
     state = ckpt.load(file, map_location=dev)
     if "method" in state:
@@ -57,10 +60,13 @@ def evaluate_run(path: str | Path, device: str = "auto") -> dict[str, Any]:
     (best.pt by default)."""
     cfg, method, splits, file, step = load_run(path, device)
     dev = resolve_device(device)
-    mean, std = stat_tensors(splits.train, dev)
+    mean, std = stat_tensors(splits.reference, dev)
     ev = Evaluator(mean, std, cfg.data.eval_batch_size, dev, autocast=autocast_for(dev, cfg.trainer.precision))
     out: dict[str, Any] = {"checkpoint": str(file), "step": step}
-    for prefix, split in (("val", splits.val), ("test", splits.test)):
-        out.update({f"{prefix}_{k}": v for k, v in method.score(method.deployable(), split, ev).items()})
+    named = [("val", splits.val)] + [("test" if name == "test" else f"test@{name}", split)
+                                     for name, split in splits.test_splits().items()]
+    for prefix, split in named:
+        base, at, name = prefix.partition("@")
+        out.update({f"{base}_{k}{at}{name}": v for k, v in method.score(method.deployable(), split, ev).items()})
     out["params"] = sum(p.numel() for p in method.deployable().parameters())
     return out

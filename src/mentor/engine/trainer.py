@@ -23,22 +23,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import RunConfig, dump_config, to_dict
+from ..config import ConfigError, RunConfig, dump_config, to_dict
+from ..errors import CheckpointMismatchError
 from ..methods import METHODS, BuildInfo, Method, StepContext
+from ..methods.base import Refresh
 from ..models import create_model, strip_taps
 from . import checkpoint as ckpt
+from .contract import check_step_output
 from .distributed import Dist, barrier, init_distributed, shutdown
 from .ema import EMA
 from .evaluate import Evaluator
 from .graph import GraphStep, check_capturable
-from .inputs import Splits, TrainInputs, load_splits
+from .inputs import Splits, TrainInputs, data_free_splits, load_splits
 from .logger import RunLogger, format_duration, log, truncate_metrics
 from .meter import Meter, NonFiniteLossError
 from .optim import build_optimizer, build_scheduler, device_lr
-
-
-class CheckpointMismatchError(RuntimeError):
-    """The run directory holds a checkpoint of a different method/model/data than the recipe asks."""
 
 
 def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
@@ -74,17 +73,57 @@ def autocast_for(device: torch.device, precision: str, cache: bool = True):
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
-def build_method(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> Method:
-    """The student from the zoo and the registered method around it."""
-    train = splits.train
-    channels, _, width = train.image_shape
-    info = BuildInfo(num_classes=train.num_classes, in_channels=channels, image_size=width,
-                     train_size=len(train),
+def build_info(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> BuildInfo:
+    """Facts about the data (class count, shape, size, normalisation) a method is built for."""
+    ref = splits.reference
+    channels, _, width = ref.image_shape
+    return BuildInfo(num_classes=ref.num_classes, in_channels=channels, image_size=width,
+                     train_size=len(splits.train) if splits.train is not None else 0,
                      max_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, device=str(device),
-                     mean=tuple(float(m) for m in train.mean), std=tuple(float(v) for v in train.std))
+                     mean=tuple(float(m) for m in ref.mean), std=tuple(float(v) for v in ref.std))
+
+
+def init_network(net: nn.Module, path: str, info: BuildInfo, model: str) -> None:
+    """``model.init_from``: load a trained run's network (its best.pt, else last.pt) into ``net``."""
+    try:
+        file, src, weights = ckpt.run_info(path, "model.init_from")
+    except ckpt.CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    for key, what in (("num_classes", "classes"), ("in_channels", "input channels")):
+        if src[key] != getattr(info, key):
+            raise ConfigError(f"model.init_from={path}: {file} holds a network with {src[key]} {what} but this "
+                              f"run's data has {getattr(info, key)}; start from a run trained on matching data")
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"model.init_from={path}: {file} holds a {src['model']} network, which does not fit "
+                          f"model.name={model} (missing {missing[:3]}, unexpected {unexpected[:3]}); use the same "
+                          "model.name as that run")
+
+
+def build_method(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> Method:
+    """The student from the zoo (or from ``model.init_from``) and the registered method around it."""
+    info = build_info(cfg, splits, device, steps_per_epoch)
     student = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
                            **cfg.model.kwargs)
+    if cfg.model.init_from:
+        init_network(student, cfg.model.init_from, info, cfg.model.name)
     return METHODS.get(cfg.method.name)(cfg.method, student, info)
+
+
+def source_splits(cfg: RunConfig, method_cls: type[Method]) -> Splits:
+    """The run's splits; for a method that takes no data, the real splits of its source run's dataset
+    (validation and test only, for reporting)."""
+    if method_cls.inputs.data:
+        return load_splits(cfg.data)
+    source = method_cls.data_source(cfg.method)
+    if not source:
+        raise ConfigError(f"method {cfg.method.name!r} trains without data: it needs the run directory of a "
+                          "trained network (method.teacher=runs/...) for the class count, shape and normalisation")
+    try:
+        _, info, _ = ckpt.run_info(source, "method.teacher")
+    except ckpt.CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    return data_free_splits(cfg.data, info)
 
 
 # The parts of a recipe that must match for a checkpoint to be resumed.
@@ -106,9 +145,9 @@ class Trainer:
         self.run_dir = Path(cfg.out_dir)
         torch.manual_seed(t.seed + self.dist.rank)
 
-        self.splits = splits if splits is not None else load_splits(cfg.data)
         method_cls = METHODS.get(cfg.method.name)
-        self.inputs = TrainInputs(self.splits, cfg.data, method_cls.views, t.seed, self.dist.rank,
+        self.splits = splits if splits is not None else source_splits(cfg, method_cls)
+        self.inputs = TrainInputs(self.splits, cfg.data, method_cls.inputs, t.seed, self.dist.rank,
                                   self.dist.world_size, self.device, t.channels_last)
         # The student's initial weights depend on the seed only, not on the rank: every rank and
         # every method of a paired comparison starts from the same network.
@@ -117,7 +156,7 @@ class Trainer:
         self.method.to(self.device)
         if t.channels_last:
             self.method.to(memory_format=torch.channels_last)
-        self.method.setup(self.inputs(0))
+        self.method.setup(self._method_batch(self.inputs(0))[0])
         self.method.to(self.device)  # connectors created by setup()
         torch.manual_seed(t.seed + self.dist.rank)
 
@@ -149,6 +188,7 @@ class Trainer:
         self.best = {"value": None, "step": -1}
         self.history_wall = 0.0
         self.meter = Meter(self.dist, prefix_phases=len(self.phases) > 1)
+        self._checked: set[str] = set()
 
     # -- set-up helpers --------------------------------------------------------------------------
     def _wrap_ddp(self) -> nn.Module:
@@ -189,7 +229,8 @@ class Trainer:
         return {"model": self.cfg.model.name, "kwargs": dict(self.cfg.model.kwargs),
                 "num_classes": info.num_classes, "in_channels": info.in_channels,
                 "image_size": info.image_size, "dataset": self.cfg.data.name,
-                "method": self.cfg.method.name}
+                "method": self.cfg.method.name, "mean": list(info.mean), "std": list(info.std),
+                "classes": list(self.splits.reference.classes)}
 
     def save(self, step: int) -> None:
         self._check_finite()
@@ -236,6 +277,10 @@ class Trainer:
         return self.meter.read()
 
     # -- evaluation ------------------------------------------------------------------------------
+    def _refresh(self) -> Refresh:
+        return Refresh(labeled=self.splits.train, unlabeled=self.splits.unlabeled, evaluator=self.evaluator(),
+                       device=self.device)
+
     def evaluator(self) -> Evaluator:
         return Evaluator(self.inputs.mean, self.inputs.std, self.cfg.data.eval_batch_size, self.device, self.dist,
                          self.autocast, self.cfg.trainer.channels_last)
@@ -243,6 +288,22 @@ class Trainer:
     def _score(self, net: nn.Module, split, prefix: str, suffix: str = "") -> dict[str, float]:
         """The method's numbers of ``net`` on ``split`` as ``<prefix><key><suffix>``."""
         return {f"{prefix}{k}{suffix}": v for k, v in self.method.score(net, split, self.evaluator()).items()}
+
+    def _score_tests(self, net: nn.Module, suffix: str) -> dict[str, float]:
+        """``net`` on every test split. One test split: ``test_<key><suffix>``. Held-out domains:
+        ``test_<key><suffix>@<domain>`` each, their mean as ``test_<key><suffix>`` and the worst (lowest
+        for a number selected by "max", else highest) as ``test_<key><suffix>@worst``."""
+        tests = self.splits.test_splits()
+        if not self.splits.tests:
+            return self._score(net, next(iter(tests.values())), "test_", suffix)
+        per = {name: self._score(net, split, "test_", suffix) for name, split in tests.items()}
+        out: dict[str, float] = {}
+        for key in next(iter(per.values())):
+            values = [per[name][key] for name in tests]
+            out[key] = sum(values) / len(values)
+            out[f"{key}@worst"] = min(values) if self.mode == "max" else max(values)
+            out.update({f"{key}@{name}": per[name][key] for name in tests})
+        return out
 
     def _better(self, value: float) -> bool:
         best = self.best["value"]
@@ -279,8 +340,14 @@ class Trainer:
         for sched in self.schedulers:
             sched.step()  # schedules follow the global step, also for phases that skip it
 
+    def _method_batch(self, batch: dict[str, Tensor]) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The batch a method sees (no unlabelled labels: they go to ``ctx`` for diagnostics only)."""
+        batch = dict(batch)
+        return batch, batch.pop("_u_y", None)
+
     def _step_body(self, step: int | Tensor, batches) -> None:
-        """Every phase due at ``step``: forward, backward, clipping, optimizer step; then the EMA.
+        """Every phase due at ``step``: forward, backward, clipping, optimizer step; then the method's
+        ``after_step`` (EMA teachers) and the engine's EMA.
 
         ``batches`` is a batch (captured steps) or a function of the micro-batch index. Nothing here
         reads a value back to the host, so the body can be captured in a CUDA graph."""
@@ -294,17 +361,22 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
             out: dict[str, Tensor] = {}
             for micro in range(t.accumulate):
-                batch = batches(micro) if callable(batches) else batches
+                batch, ctx.unlabeled_targets = self._method_batch(batches(micro) if callable(batches) else batches)
+                ctx.diagnostics = {}
                 last = micro == t.accumulate - 1
                 sync = contextlib.nullcontext() if (last or not self.dist.enabled) else self.step_module.no_sync()
                 with sync:
                     with self.autocast():
                         out = self.step_module(batch, ctx)
+                    if phase.name not in self._checked:
+                        check_step_output(self.cfg.method.name, phase.name, out)
+                        self._checked.add(phase.name)
                     (out["loss"] / t.accumulate).backward()
             if t.clip_grad:
                 torch.nn.utils.clip_grad_norm_(phase.params, t.clip_grad, foreach=True)
             opt.step()
-            self.meter.add(phase.name, out, step)
+            self.meter.add(phase.name, {**out, **ctx.diagnostics}, step)
+        self.method.after_step(ctx)
         if self.ema is not None:
             self.ema.update(self.method.deployable())
 
@@ -341,6 +413,8 @@ class Trainer:
                     logger.close()
                     log.info(f"stopped at step {step}; saved {last}, run the same command to resume")
                     raise KeyboardInterrupt
+                if step % self.inputs.steps_per_epoch == 0:
+                    self.method.on_epoch(step // self.inputs.steps_per_epoch, self._refresh())
                 self._train_step(step)
                 logger.advance()
                 done = step + 1
@@ -372,7 +446,6 @@ class Trainer:
     def _summary(self, train_time: float, images: int) -> dict[str, Any]:
         """Last-step and best-val-step numbers; the test set is read once per reported checkpoint."""
         self.method.eval()
-        test = self.splits.test
         out: dict[str, Any] = {
             "method": self.cfg.method.name,
             "model": self.cfg.model.name,
@@ -385,25 +458,27 @@ class Trainer:
             f"val_{self.metric}_best": self.best["value"] if self.best["value"] is not None else float("nan"),
             "best_step": self.best["step"],
         }
-        out.update(self._score(self.method.deployable(), test, "test_", "_last"))
+        out.update(self._score_tests(self.method.deployable(), "_last"))
         for name, net in self.method.eval_heads().items():
-            out.update(self._score(net, test, "test_", f"_last_{name}"))
+            out.update(self._score_tests(net, f"_last_{name}"))
         if self.ema is not None:
             out.update({f"{k}_last": v for k, v in self.last_val.items() if k.endswith("_ema")})
-            out.update(self._score(self.ema.module, test, "test_", "_ema_last"))
+            out.update(self._score_tests(self.ema.module, "_ema_last"))
         # test_<key>_best: the selected weights (raw, or the EMA copy) at the best validation step
         best_path = self.run_dir / "best.pt"
         barrier(self.dist)
         if self.best["step"] == self.cfg.trainer.max_steps:
             tail = "_ema_last" if self.select_ema else "_last"  # the same weights: read the test set once
-            out.update({k[: -len(tail)] + "_best": v for k, v in list(out.items())
-                        if k.startswith("test_") and k.endswith(tail) and (self.select_ema or "_ema_" not in k)})
+            for k, v in list(out.items()):
+                base, at, name = k.partition("@")
+                if k.startswith("test_") and base.endswith(tail) and (self.select_ema or "_ema_" not in k):
+                    out[base[: -len(tail)] + "_best" + at + name] = v
         elif best_path.exists():
             state = ckpt.load(best_path, map_location=self.device)
             net = strip_taps(copy.deepcopy(self.method.deployable()))
             net.load_state_dict(state["ema"] if self.select_ema else state["model"])
             net.eval()
-            out.update(self._score(net, test, "test_", "_best"))
+            out.update(self._score_tests(net, "_best"))
         out["wall_s"] = self.history_wall + (time.perf_counter() - self._t0)
         out["train_img_s"] = images / train_time if train_time > 0 else float("nan")
         out["device"] = hardware_name(self.device)

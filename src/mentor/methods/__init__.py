@@ -1,38 +1,42 @@
-"""Method contract and the registry of methods; importing this registers every built-in method."""
+"""The Method contract and the registry of methods, filled from the explicit list in
+:mod:`mentor.methods.catalog` (a method's module is imported when its name is first used)."""
 
-from . import supervised  # noqa: F401  (registers)
 from .base import (
     METHODS,
+    NO_DATA,
     BuildInfo,
+    Inputs,
     Method,
     MethodConfig,
     Phase,
+    Refresh,
     StepContext,
     create_method,
     register_method,
 )
-
-FAMILIES = ("mentor.distill", "mentor.diffusion")
+from .catalog import BUILTIN
 
 
 def load_builtin_methods() -> None:
-    """Import every method family so its methods are registered (families import this package, not
-    the reverse, so the registry is filled on demand)."""
+    """Import every built-in method's module (for code that walks the registered classes)."""
     import importlib
 
-    for name in FAMILIES:
-        importlib.import_module(name)
+    for module in sorted(set(BUILTIN.values())):
+        importlib.import_module(module)
 
 
 __all__ = [
-    "FAMILIES",
+    "BUILTIN",
     "METHODS",
-    "load_builtin_methods",
+    "NO_DATA",
     "BuildInfo",
+    "Inputs",
     "Method",
     "MethodConfig",
     "Phase",
+    "Refresh",
     "StepContext",
     "create_method",
+    "load_builtin_methods",
     "register_method",
 ]

@@ -1,28 +1,72 @@
 """The Method contract: what every teacher-student method implements, and nothing the engine owns.
 
-A method is an ``nn.Module`` that owns the student, its teacher(s) and any extra trainable parts
-(projectors, heads, generators) as sub-modules, so checkpoints and optimizers see them. It declares
+Every family (distillation, semi-supervised learning, adaptation, generalisation, data-free
+distillation, diffusion) writes its methods against this one page. A method is an ``nn.Module`` that
+owns the student, its teacher(s) and any extra trainable parts (projectors, heads, generators) as
+sub-modules, so checkpoints and optimizers see them.
 
-- ``Config``: a dataclass of hyper-parameters whose defaults are the paper's;
-- ``views``: the named augmentations of the labelled batch it consumes. ``"train"`` is the recipe's
-  ``data.augment``; any other name is an augmentation (``weak``, ``strong``, ``none``). The engine
-  delivers ``batch["x"]`` = the first view, ``batch["x_<view>"]`` for each view, ``batch["y"]``
-  labels and ``batch["index"]`` the positions of the images in the training split;
-- ``training_step(batch, ctx) -> dict[str, Tensor]`` with ``"loss"`` and every term by name;
-- ``predict(x)`` and ``deployable()``: the network a user ships;
-- ``score(net, split, ev)`` and ``select``: the numbers reported on the validation and test splits
-  (top-1 accuracy as ``acc`` by default) and the one that picks ``best.pt``. A method whose networks
-  are not classifiers (a diffusion denoiser) reports its own numbers here.
+**What it declares**
 
-Methods with several optimizers or phases (a generator against a student, a bilevel meta-step every
-k steps) override :meth:`Method.phases`. The engine builds one optimizer per phase, and on each step
-runs, for every phase that is due (``step % phase.every == 0``), ``training_step`` with
-``ctx.phase`` set to that phase's name, then backward and that phase's optimizer step. Everything else
-(backward, precision, accumulation, clipping, DDP, EMA, checkpoints, logging) belongs to the engine.
+- ``Config``: a dataclass of hyper-parameters whose defaults are the paper's (source named in the
+  class docstring), registered with ``@register_method("name")``.
+- ``inputs``: an :class:`Inputs` spec of the data its step consumes; the engine produces every part on
+  the device, as a pure function of (seed, step), sharded by DDP rank:
+
+  ========================  ==============================================================================
+  ``labeled=("train",)``    the labelled batch: ``x`` (the first view), ``x_<view>`` for every view, ``y``,
+                            ``index`` (positions in the training split). ``"train"`` is the recipe's
+                            ``data.augment``; any other name is an augmentation (``weak``, ``strong``, ``none``)
+  ``unlabeled=("weak",…)``  an unlabelled batch of ``data.unlabeled_ratio * batch_size`` images:
+                            ``u`` (first view), ``u_<view>``, ``u_index``. Its labels never reach the method
+  ``domains=True``          the labelled batch drawn per training domain, ``batch_size`` images from each
+                            domain in a fixed order, with ``batch["domain"]`` (the domain's position)
+  ``data=False``            no data at all (data-free): the batch is empty; class count, image shape and
+                            normalisation come from the teacher's run (:meth:`Method.data_source`)
+  ========================  ==============================================================================
+
+- Roles, declared rather than inferred: :meth:`add_teacher` for a frozen network reloaded from its own
+  run (left out of checkpoints and of DDP), :meth:`add_ema_teacher` for an exponential moving average
+  of one of the method's networks (trained state: checkpointed, restored exactly, updated by the
+  engine after each optimizer step). Every other sub-module is trained state.
+- ``select``: the validation number (a key of :meth:`score`) that picks ``best.pt``.
+
+**What it implements**
+
+- ``training_step(batch, ctx) -> dict[str, Tensor]`` with ``"loss"`` and every term by name.
+- ``predict(x)`` and ``deployable()``: the network a user ships.
+- ``score(net, split, ev)``: the numbers reported on validation and test splits (top-1 ``acc``).
+- ``phases()`` for several optimizers (a generator against a student, a bilevel meta-step every k
+  steps): the engine builds one optimizer per phase and runs, for every phase due at a step
+  (``step % phase.every == 0``), ``training_step`` with ``ctx.phase`` set, backward and that optimizer.
+
+**Hooks** (each optional)
+
+- :meth:`after_step` runs after every phase's optimizer step, inside the step (captured with it in a
+  CUDA graph): EMA teachers (the default), queues, class statistics. No host synchronisation.
+- :meth:`on_epoch` runs on the host before the first step of every epoch (step 0 included, and again
+  on resume at an epoch boundary), with a :class:`Refresh` giving the training splits and the
+  evaluator: pseudo-label refresh (SHOT), memory-bank rebuild. It must be a deterministic function of
+  the method's state so resume stays exact.
+- :meth:`reset` restores the state captured by :meth:`snapshot` (episodic test-time adaptation).
+
+**Rules the engine checks** (a :class:`~mentor.errors.ContractError` naming the rule, at the first step):
+
+1. ``training_step`` returns a dict with ``"loss"``; every value is a 0-d floating tensor.
+2. The same keys every step of a phase (the meter sums them on the device).
+3. No host synchronisation in a step (``.item()``, ``float(t)``, printing, Python ``if`` on a tensor):
+   step-dependent weights use :func:`mentor.nn.ramp`, which works eagerly and in a captured step.
+4. Teachers are declared with :meth:`add_teacher`; a child whose parameters are all frozen but that is
+   not declared is trained state like any other.
+5. Pseudo-label diagnostics go through ``ctx.pseudo_labels(pred, mask)``; they are logged, never used
+   for selection.
+
+Everything else (backward, precision, accumulation, clipping, DDP, EMA, checkpoints, logging,
+evaluation) belongs to the engine.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -30,8 +74,9 @@ import torch
 from torch import Tensor, nn
 
 from ..registry import Registry
+from .catalog import BUILTIN
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", lazy=BUILTIN)
 
 
 def register_method(name: str):
@@ -85,13 +130,32 @@ class Phase:
     optim: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """The data a method's step consumes (see the module docstring for the batch keys of each part)."""
+
+    labeled: tuple[str, ...] = ("train",)
+    unlabeled: tuple[str, ...] = ()
+    domains: bool = False
+    data: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.data and (self.labeled or self.unlabeled or self.domains):
+            raise ValueError("Inputs(data=False) consumes no labelled, unlabelled or domain batches")
+        if self.data and not (self.labeled or self.unlabeled):
+            raise ValueError("Inputs needs labelled or unlabelled views, or data=False")
+
+
+NO_DATA = Inputs(labeled=(), data=False)
+
+
 @dataclass
 class StepContext:
     """What a training step may know besides its batch.
 
-    In a step captured as a CUDA graph (``trainer.cuda_graph``) ``step`` (and so ``epoch``) is a
-    0-d device tensor that changes between replays: compute step-dependent weights with tensor
-    operations (``torch.clamp``, comparisons), never with Python ``min``/``if`` on them.
+    In a step captured as a CUDA graph (``trainer.cuda_graph``) ``step`` (and so ``epoch``) is a 0-d
+    device tensor that changes between replays; :func:`mentor.nn.ramp` takes either form, so no method
+    tests which it is.
     """
 
     step: int | Tensor
@@ -100,17 +164,40 @@ class StepContext:
     steps_per_epoch: int = 1
     generator: torch.Generator | None = None
     lrs: dict[str, float] = field(default_factory=dict)  # each phase's current learning rate
+    unlabeled_targets: Tensor | None = None  # the unlabelled batch's true labels: diagnostics only
+    diagnostics: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def epoch(self) -> float | Tensor:
         return self.step / max(1, self.steps_per_epoch)
+
+    def pseudo_labels(self, pred: Tensor, mask: Tensor | None = None) -> None:
+        """Record the step's pseudo-labels of the unlabelled batch (and the 0/1 or soft mask weighting
+        them) for the logged diagnostics ``mask_rate`` and, where the true labels are known,
+        ``pl_acc`` (accuracy of the pseudo-labels the mask keeps). Never used for model selection."""
+        mask = torch.ones_like(pred, dtype=torch.float32) if mask is None else mask.detach().float()
+        self.diagnostics["mask_rate"] = mask.mean()
+        if self.unlabeled_targets is not None:
+            hit = (pred.detach() == self.unlabeled_targets).float()
+            self.diagnostics["pl_acc"] = (hit * mask).sum() / mask.sum().clamp(min=1e-8)
+
+
+@dataclass
+class Refresh:
+    """What :meth:`Method.on_epoch` may read: the training splits (uint8 tensors on the host or the
+    device), the engine's evaluator (normalisation, batches, autocast) and the device."""
+
+    labeled: Any
+    unlabeled: Any
+    evaluator: Any
+    device: torch.device
 
 
 class Method(nn.Module):
     """Base class of every method. Subclasses set ``Config`` and implement ``training_step``."""
 
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    views: ClassVar[tuple[str, ...]] = ("train",)
+    inputs: ClassVar[Inputs] = Inputs()
     method_name: ClassVar[str] = ""
     #: the validation number (a key of ``score``) that picks ``best.pt``, and "max" or "min"
     select: ClassVar[tuple[str, str]] = ("acc", "max")
@@ -120,6 +207,9 @@ class Method(nn.Module):
         self.cfg = cfg
         self.student = student
         self.info = info
+        self._teachers: list[str] = []
+        self._ema: dict[str, tuple[str, float]] = {}  # EMA child -> (source child path, decay)
+        self._snapshot: dict[str, Tensor] | None = None
 
     # -- the contract ------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
@@ -148,31 +238,80 @@ class Method(nn.Module):
 
     def eval_heads(self) -> dict[str, nn.Module]:
         """Networks evaluated beside ``predict`` and reported as ``val_acc_<name>`` (e.g. every peer
-        of an online method, or a branch of a multi-branch student)."""
+        of an online method, a branch of a multi-branch student, an EMA teacher)."""
         return {}
 
     def phases(self) -> list[Phase]:
         return [Phase("main", [p for p in self.parameters() if p.requires_grad])]
 
-    # -- helpers -----------------------------------------------------------------------------------
+    @classmethod
+    def data_source(cls, cfg: MethodConfig) -> str | None:
+        """For ``Inputs(data=False)``: the run directory whose checkpoint says the class count, image
+        shape, normalisation and (for evaluation only) the real dataset. By default ``cfg.teacher``."""
+        return getattr(cfg, "teacher", None) or None
+
+    # -- hooks -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        """After every optimizer step of a training step (inside a captured step): updates the EMA
+        teachers. Override to add queues or statistics; call ``super().after_step(ctx)``."""
+        for name, (source, decay) in self._ema.items():
+            ema, src = getattr(self, name), self.get_submodule(source)
+            torch._foreach_lerp_(list(ema.parameters()), list(src.parameters()), 1.0 - decay)
+            for eb, b in zip(ema.buffers(), src.buffers()):
+                eb.copy_(b)
+
+    def on_epoch(self, epoch: int, refresh: Refresh) -> None:
+        """Before the first step of every epoch, on the host (pseudo-label refresh, memory banks)."""
+
+    def snapshot(self) -> None:
+        """Remember the current state for :meth:`reset` (the adaptation runner calls it once)."""
+        self._snapshot = {k: v.detach().clone() for k, v in self.state_dict().items()}
+
+    def reset(self) -> None:
+        """Restore the state of :meth:`snapshot` (episodic adaptation; a reset per shift)."""
+        if self._snapshot is None:
+            raise RuntimeError("reset() before snapshot()")
+        self.load_state_dict(self._snapshot)
+
+    # -- roles -------------------------------------------------------------------------------------
+    def add_teacher(self, name: str, module: nn.Module) -> nn.Module:
+        """Declare ``module`` a frozen teacher: eval mode, no gradients, not in DDP, not checkpointed
+        (a resumed run loads it again from its own run directory)."""
+        module.requires_grad_(False).eval()
+        setattr(self, name, module)
+        self._teachers.append(name)
+        return module
+
+    def add_ema_teacher(self, name: str, source: str, decay: float) -> nn.Module:
+        """Declare ``name`` an exponential moving average of the sub-module at path ``source`` with
+        ``decay``, updated by :meth:`after_step`. Buffers (BN statistics) are copied, not averaged
+        (timm's ModelEmaV2, FixMatch's EMA). It is trained state: checkpointed and restored exactly."""
+        from ..models.tap import strip_taps
+
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        copy_ = strip_taps(copy.deepcopy(self.get_submodule(source))).requires_grad_(False).eval()
+        setattr(self, name, copy_)
+        self._ema[name] = (source, decay)
+        return copy_
+
+    def teacher_names(self) -> list[str]:
+        return list(self._teachers)
+
     def frozen_modules(self) -> dict[str, nn.Module]:
-        """Direct children with parameters, none trainable (teachers): never wrapped in DDP."""
-        out = {}
-        for name, m in self.named_children():
-            params = list(m.parameters())
-            if params and not any(p.requires_grad for p in params):
-                out[name] = m
-        return out
+        """The declared teachers and EMA teachers: in eval mode, never wrapped in DDP."""
+        return {n: getattr(self, n) for n in [*self._teachers, *self._ema]}
 
     def trained_state(self) -> dict[str, Tensor]:
-        """``state_dict`` without the frozen modules (teachers): what a checkpoint must keep, since a
-        resumed run loads its teachers again from their own run directories."""
-        frozen = tuple(f"{name}." for name in self.frozen_modules())
+        """``state_dict`` without the declared teachers: what a checkpoint must keep (EMA teachers,
+        queues and banks included), since a resumed run loads its teachers from their run directories."""
+        frozen = tuple(f"{name}." for name in self._teachers)
         return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen)}
 
     def load_trained_state(self, state: dict[str, Tensor]) -> None:
-        """Load a :meth:`trained_state` (or a full ``state_dict``); only frozen modules may be absent."""
-        frozen = tuple(f"{name}." for name in self.frozen_modules())
+        """Load a :meth:`trained_state` (or a full ``state_dict``); only teachers may be absent."""
+        frozen = tuple(f"{name}." for name in self._teachers)
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith(frozen)]
         if missing or unexpected:
@@ -182,5 +321,5 @@ class Method(nn.Module):
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
         for m in self.frozen_modules().values():
-            m.eval()  # frozen teachers keep their BN statistics and run without dropout
+            m.eval()  # teachers keep their BN statistics and run without dropout
         return self

@@ -1,0 +1,212 @@
+"""The adaptation runner: a trained run adapts online over ordered test streams (``mentor adapt``).
+
+Each stream of a shift (``fmnist_c``: one per corruption and severity; a domain set: one per domain)
+is read once, in a fixed seeded order, in batches of ``data.batch_size`` with the last partial batch
+kept (no ``drop_last``). The method predicts each batch as its paper prescribes (before or as it
+adapts) and the accuracy is that of the predictions made online. Settings: ``reset`` restores the
+source state (weights, statistics, optimizer) before every stream; ``continual`` carries it across
+streams in order. An episodic method is reset before every batch in both settings.
+
+The run directory holds ``config.yaml`` (the resolved method and the adaptation settings),
+``metrics.jsonl`` (one record per stream) and ``summary.json`` (accuracy per stream, their mean and
+the worst). Everything a user can get wrong (the run, the shift, its classes, the method) is checked
+before the directory is created.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..config import ConfigError, RunConfig, build_config, to_dict
+from ..errors import ContractError
+from ..methods import METHODS, BuildInfo, StepContext
+from ..models import create_model
+from . import checkpoint as ckpt
+from .logger import format_duration, log
+from .optim import build_optimizer
+from .trainer import autocast_for, hardware_name, init_network, resolve_device
+
+SETTINGS = ("reset", "continual")
+
+
+@dataclass
+class AdaptPlan:
+    """What ``mentor adapt`` was asked: the source run, the shift, the setting and the shift's options."""
+
+    run: str
+    shift: str
+    setting: str = "reset"
+    root: str | None = None
+    options: dict[str, Any] | None = None
+
+
+def _source(run: str) -> tuple[Path, dict[str, Any]]:
+    try:
+        file, info, _ = ckpt.run_info(run, "source run")
+    except ckpt.CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    return file, info
+
+
+def _stats(info: dict[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The source run's input normalisation (older runs: the dataset's published constants)."""
+    if info.get("mean"):
+        return tuple(info["mean"]), tuple(info["std"])
+    from ..data import get_source
+
+    src = get_source(info["dataset"])
+    return src.mean, src.std
+
+
+def _check_shift(shift, info: dict[str, Any], file: Path) -> None:
+    c, _, w = shift.image_shape
+    problems = []
+    if shift.num_classes != info["num_classes"]:
+        problems.append(f"{shift.num_classes} classes, the network {info['num_classes']}")
+    elif info.get("classes") and list(info["classes"]) != shift.classes:
+        problems.append(f"classes {shift.classes[:4]}..., the network's {list(info['classes'])[:4]}...")
+    if c != info["in_channels"] or w != info["image_size"]:
+        problems.append(f"{c}x{w}x{w} images, the network was trained on {info['in_channels']} channels of "
+                        f"{info['image_size']} pixels")
+    if problems:
+        raise ConfigError(f"shift {shift.name!r} does not fit the source run {file}: the shift has "
+                          f"{'; '.join(problems)}. Adapt a network trained on the shift's source data "
+                          f"(for {shift.name}: its clean training set).")
+
+
+def _default_out(plan: AdaptPlan, method: str) -> str:
+    name = Path(plan.run).resolve().name if Path(plan.run).is_dir() else Path(plan.run).resolve().parent.name
+    return f"runs/adapt/{name}-{plan.shift}-{method}-{plan.setting}"
+
+
+def build_adapt_config(overrides: list[str]) -> RunConfig:
+    """The method, batch size and engine settings of an adaptation run (``method.name`` default
+    ``source``; ``data.batch_size`` the test batch, default 128)."""
+    raw: dict[str, Any] = {"method": {"name": "source"}, "data": {"batch_size": 128}}
+    from ..config import apply_overrides
+
+    cfg = build_config(apply_overrides(raw, overrides))
+    from ..adapt.base import TestTimeMethod
+
+    if not issubclass(METHODS.get(cfg.method.name), TestTimeMethod):
+        names = [n for n in METHODS.names() if _is_tta(n)]
+        raise ConfigError(f"method.name={cfg.method.name!r} is not a test-time method; `mentor adapt` runs "
+                          f"{', '.join(names)}")
+    return cfg
+
+
+def _is_tta(name: str) -> bool:
+    from ..adapt.base import TestTimeMethod
+    from ..methods.catalog import BUILTIN
+
+    return BUILTIN.get(name, "").startswith("mentor.adapt") and issubclass(METHODS.get(name), TestTimeMethod)
+
+
+def adapt(plan: AdaptPlan, cfg: RunConfig) -> dict[str, Any]:
+    """Run one adaptation plan; returns the summary (also written to ``<out_dir>/summary.json``)."""
+    from ..data.domains import load_domains
+
+    if plan.setting not in SETTINGS:
+        raise ConfigError(f"--setting {plan.setting!r}: use one of {', '.join(SETTINGS)}")
+    file, info = _source(plan.run)
+    shift = load_domains(plan.shift, root=plan.root, **(plan.options or {}))
+    _check_shift(shift, info, file)
+    t = cfg.trainer
+    device = resolve_device(t.device)
+    autocast = autocast_for(device, t.precision)
+    if cfg.out_dir == "runs/default":
+        cfg.out_dir = _default_out(plan, cfg.method.name)
+    run_dir = Path(cfg.out_dir)
+
+    mean, std = _stats(info)
+    binfo = BuildInfo(num_classes=info["num_classes"], in_channels=info["in_channels"], image_size=info["image_size"],
+                      device=str(device), mean=mean, std=std)
+    torch.manual_seed(t.seed)
+    net = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"],
+                       **info.get("kwargs", {}))
+    init_network(net, plan.run, binfo, info["model"])
+    method = METHODS.get(cfg.method.name)(cfg.method, net, binfo).to(device)
+    method.snapshot()
+    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {"adapt": {"run": str(plan.run), "checkpoint": str(file), "shift": plan.shift,
+                          "setting": plan.setting, "root": plan.root, "options": plan.options or {}},
+                **to_dict(cfg)}
+    ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+
+    records: list[dict[str, Any]] = []
+    optimizers = None
+    t0 = time.perf_counter()
+    images = 0
+    for i, (name, ds) in enumerate(shift.domains.items()):
+        if plan.setting == "reset" or i == 0:
+            method.reset()
+            optimizers = _optimizers(method, cfg)
+        method.prepare()
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(t.seed))
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        sums: dict[str, torch.Tensor] = {}
+        batches = 0
+        for start in range(0, len(ds), cfg.data.batch_size):
+            idx = order[start:start + cfg.data.batch_size]
+            x = (ds.images[idx].to(device).float().div_(255.0) - m) / s
+            y = ds.labels[idx].to(device)
+            if method.episodic:
+                method.reset()
+                optimizers = _optimizers(method, cfg)
+                method.prepare()
+            out = _step(method, optimizers, {"x": x}, batches, autocast, cfg)
+            correct += (out.pop("logits").argmax(1) == y).sum()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0) + v.detach().float()
+            batches += 1
+        images += len(ds)
+        acc = correct.item() / len(ds)  # one read per stream
+        record = {"stream": name, "acc": acc, "error": 1.0 - acc, "n": len(ds),
+                  **{k: float(v) / batches for k, v in sums.items()}}
+        records.append(record)
+        ckpt.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        log.info(f"{name}: acc {acc:.4f}")
+    wall = time.perf_counter() - t0
+    accs = {r["stream"]: r["acc"] for r in records}
+    summary = {"method": cfg.method.name, "setting": plan.setting, "shift": plan.shift, "source_run": str(plan.run),
+               "checkpoint": str(file), "streams": len(accs), "acc_mean": sum(accs.values()) / len(accs),
+               "acc_worst": min(accs.values()), "error_mean": 1.0 - sum(accs.values()) / len(accs),
+               **{f"acc@{k}": v for k, v in accs.items()}, "batch_size": cfg.data.batch_size,
+               "wall_s": wall, "img_s": images / wall if wall > 0 else float("nan"),
+               "device": hardware_name(device), "torch": str(torch.__version__)}
+    ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log.info(f"done in {format_duration(wall)}: mean acc {summary['acc_mean']:.4f}, worst "
+             f"{summary['acc_worst']:.4f} over {len(accs)} streams ({plan.setting})")
+    return summary
+
+
+def _optimizers(method, cfg: RunConfig) -> list[tuple[Any, torch.optim.Optimizer]]:
+    return [(p, build_optimizer(p.params, cfg.optim, p.optim)) for p in method.phases() if p.params]
+
+
+def _step(method, optimizers, batch: dict[str, torch.Tensor], step: int, autocast, cfg: RunConfig
+          ) -> dict[str, torch.Tensor]:
+    """One test batch: the method's predictions and, where it learns, its update."""
+    ctx = StepContext(step=step, max_steps=0)
+    with autocast():
+        out = method.adapt_step(batch, ctx)
+    if "logits" not in out:
+        raise ContractError(f"{cfg.method.name}.adapt_step must return 'logits' (the predictions scored)")
+    loss = out.get("loss")
+    if loss is not None and loss.requires_grad:
+        for _, opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for _, opt in optimizers:
+            opt.step()
+    return {k: v for k, v in out.items() if k == "logits" or v.dim() == 0}

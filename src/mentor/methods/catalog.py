@@ -1,0 +1,39 @@
+"""The one explicit list of built-in methods: name -> the module that registers it.
+
+``config`` and the command line look a method up here and import only its module, so naming a
+distillation method never imports the diffusion family, and ``mentor --help`` imports none. A test
+checks that every module listed registers exactly the names listed for it.
+"""
+
+from __future__ import annotations
+
+BUILTIN: dict[str, str] = {
+    "supervised": "mentor.methods.supervised",
+    # knowledge distillation
+    "kd": "mentor.distill.kd",
+    "dkd": "mentor.distill.dkd",
+    "rld": "mentor.distill.rld",
+    "fitnet": "mentor.distill.fitnet",
+    "at": "mentor.distill.at",
+    "rkd": "mentor.distill.rkd",
+    "crd": "mentor.distill.crd",
+    "simkd": "mentor.distill.simkd",
+    "semckd": "mentor.distill.semckd",
+    "mmkd": "mentor.distill.mmkd",
+    "dskd": "mentor.distill.dskd",
+    "avg_mkd": "mentor.distill.multi_teacher",
+    "ebkd": "mentor.distill.multi_teacher",
+    "camkd": "mentor.distill.multi_teacher",
+    "dml": "mentor.distill.online",
+    "okddip": "mentor.distill.online",
+    "mbd": "mentor.distill.online",
+    # semi-supervised learning
+    "pseudo_label": "mentor.semi.pseudo_label",
+    # domain generalisation
+    "erm": "mentor.generalize.erm",
+    # test-time adaptation
+    "source": "mentor.adapt.tta",
+    "norm": "mentor.adapt.tta",
+    # diffusion
+    "edm": "mentor.diffusion.edm",
+}
