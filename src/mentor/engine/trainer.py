@@ -93,11 +93,14 @@ def init_network(net: nn.Module, path: str, info: BuildInfo, model: str) -> None
         if src[key] != getattr(info, key):
             raise ConfigError(f"model.init_from={path}: {file} holds a network with {src[key]} {what} but this "
                               f"run's data has {getattr(info, key)}; start from a run trained on matching data")
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    if missing or unexpected:
+    try:
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+        problem = f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else ""
+    except RuntimeError as e:  # shapes that differ
+        problem = str(e).splitlines()[-1].strip()
+    if problem:
         raise ConfigError(f"model.init_from={path}: {file} holds a {src['model']} network, which does not fit "
-                          f"model.name={model} (missing {missing[:3]}, unexpected {unexpected[:3]}); use the same "
-                          "model.name as that run")
+                          f"model.name={model} ({problem}); use the same model.name as that run")
 
 
 def build_method(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> Method:
