@@ -116,7 +116,8 @@ def test_norm_normalises_each_batch_with_its_own_statistics(tmp_path, source_run
         with torch.no_grad():
             h = net.conv(x)
             mu, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
-            h = (h - mu) / torch.sqrt(var + net.bn.eps) * net.bn.weight.view(1, -1, 1, 1) + net.bn.bias.view(1, -1, 1, 1)
+            scale, shift = net.bn.weight.view(1, -1, 1, 1), net.bn.bias.view(1, -1, 1, 1)
+            h = (h - mu) / torch.sqrt(var + net.bn.eps) * scale + shift
             logits = net.fc(F.adaptive_avg_pool2d(torch.relu(h), 1).flatten(1))
         correct += (logits.argmax(1) == ds.labels[idx]).sum().item()
     assert summary["acc@dark"] == pytest.approx(correct / len(ds), abs=1e-9)

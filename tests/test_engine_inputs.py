@@ -16,7 +16,7 @@ from mentor.data import ArrayDataset, load_dataset
 from mentor.data.domains import DOMAIN_SETS, DomainSet, register_domains
 from mentor.engine import Trainer, train
 from mentor.errors import DataError
-from mentor.methods import NO_DATA, METHODS, Inputs, Method, MethodConfig, Phase, StepContext, register_method
+from mentor.methods import METHODS, NO_DATA, Inputs, Method, MethodConfig, Phase, StepContext, register_method
 
 pytest.importorskip("sklearn")
 
