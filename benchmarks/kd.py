@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ from mentor.engine import train
 from mentor.methods import METHODS, load_builtin_methods
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import mean_std, paired_gain  # noqa: E402
 
 SINGLE = ["kd", "dkd", "rld", "fitnet", "at", "rkd", "crd", "simkd", "semckd", "dskd"]
 MULTI = ["avg_mkd", "ebkd", "camkd", "mmkd"]
@@ -147,24 +148,6 @@ def speed(plan: dict, methods: list[str], teachers: list[str], device: str, thre
         rates[m] = steps * plan["batch_size"] / time_steps(tr, warmup, steps)
         print(f"{m}: {rates[m]:,.0f} img/s", file=sys.stderr, flush=True)
     return rates
-
-
-def mean_std(xs: list[float]) -> str:
-    xs = [100 * x for x in xs if not math.isnan(x)]
-    if not xs:
-        return "–"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
-
-
-def paired_gain(xs: list[float], base: list[float]) -> str:
-    d = [100 * (a - b) for a, b in zip(xs, base)]
-    if not d:
-        return "–"
-    m = statistics.mean(d)
-    sd = statistics.stdev(d) if len(d) > 1 else 0.0
-    mark = " *" if len(d) > 1 and abs(m) > 2 * sd else ""
-    return f"{m:+.2f} ± {sd:.2f}{mark}"
 
 
 def table(results: dict, methods: list[str], seeds: list[int], rates: dict[str, float] | None = None) -> str:

@@ -1,0 +1,177 @@
+"""The baselines of the four new families, each through the engine on real data, 3 paired seeds.
+
+- ``ssl``: ``supervised`` on ``labels_per_class`` labels (the lower bound) beside ``pseudo_label``,
+  which adds the unlabelled stream (the rest of the Fashion-MNIST training split).
+- ``dg``: ``erm`` leave-one-domain-out on ``rotated_fmnist`` (6 rotations) and ``digits_domains``
+  (handwritten and four printed font families), selected on the training domains' holdout split.
+- ``tta``: a ResNet-8 trained on clean Fashion-MNIST (its recipe), then ``source`` and ``norm``
+  through ``mentor adapt`` on the 15 corruptions of ``fmnist_c`` at severity 5, reset per shift.
+
+Within a seed the methods of a table share the initial weights, the batch order and the augmentation
+draws, so the gains are paired (mean ± std of the per-seed differences; * where |mean| > 2 std).
+
+    python benchmarks/families.py --suites ssl,dg,tta --seeds 0,1,2
+    python benchmarks/families.py --report-only
+
+Finished runs (a run directory with summary.json) are reused, so the command can be stopped and started
+again. The report is written to ``<out>/report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mentor.config import load_config
+from mentor.engine import train
+from mentor.engine.adapt import AdaptPlan, adapt, build_adapt_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import mean_std, paired_gain  # noqa: E402
+
+SSL = {"recipes": {"supervised": "recipes/semi/fmnist_supervised_40.yaml",
+                   "pseudo_label": "recipes/semi/fmnist_pseudo_label.yaml"},
+       # mu = 2 instead of USB's 7 keeps a pseudo-label step at ~0.2 s on 2 CPU cores
+       "overrides": ["data.unlabeled_ratio=2"]}
+DG = {"rotated_fmnist": ("recipes/generalize/rotated_fmnist_erm.yaml", ["0", "15", "30", "45", "60", "75"]),
+      "digits_domains": ("recipes/generalize/digits_domains_erm.yaml",
+                         ["handwritten", "dejavu", "liberation", "freefont", "urw"])}
+TTA = {"source_recipe": "recipes/supervised/fmnist_resnet8.yaml", "methods": ["source", "norm"],
+       "shift": "fmnist_c", "severities": (5,)}
+
+
+def _train(recipe: str, run: Path, overrides: list[str]) -> dict:
+    summary = run / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    return train(load_config(ROOT / recipe, [f"out_dir={run}", "trainer.progress=false", *overrides]))
+
+
+def _cost(rows: list[dict]) -> str:
+    return f"{sum(r['wall_s'] for r in rows) / 60:.1f} min"
+
+
+def ssl(out: Path, seeds: list[int], run: bool) -> str:
+    res: dict[str, dict[int, dict]] = {}
+    for name, recipe in SSL["recipes"].items():
+        for seed in seeds:
+            d = out / "ssl" / name / f"seed{seed}"
+            if run or (d / "summary.json").is_file():
+                res.setdefault(name, {})[seed] = _train(recipe, d, [f"trainer.seed={seed}", *SSL["overrides"]])
+    lines = ["| method | test acc, last | test acc, best val | paired gain (last) | pseudo-label acc / mask rate "
+             "(last log) | train img/s | cost |", "|---|---|---|---|---|---|---|"]
+    base = [res["supervised"][s]["test_acc_last"] for s in seeds if s in res.get("supervised", {})]
+    for name, rows in res.items():
+        rs = [rows[s] for s in seeds if s in rows]
+        last = [r["test_acc_last"] for r in rs]
+        gain = paired_gain(last, base) if name != "supervised" and len(last) == len(base) else "–"
+        diag = "–"
+        if name == "pseudo_label":
+            ev = [json.loads(x) for x in (out / "ssl" / name / f"seed{seeds[0]}" / "metrics.jsonl")
+                  .read_text().splitlines()]
+            tr = [e for e in ev if e["split"] == "train"][-1]
+            diag = f"{100 * tr['pl_acc']:.1f}% / {100 * tr['mask_rate']:.1f}% (seed {seeds[0]})"
+        rate = statistics.mean(r["train_img_s"] for r in rs)
+        lines.append(f"| {name} | {mean_std(last)} | {mean_std([r['test_acc_best'] for r in rs])} | {gain} | {diag} "
+                     f"| {rate:,.0f} | {_cost(rs)} |")
+    return "\n".join(lines)
+
+
+def dg(out: Path, seeds: list[int], run: bool) -> str:
+    parts = []
+    for dataset, (recipe, domains) in DG.items():
+        cells: dict[str, list[dict]] = {}
+        for test in domains:
+            for seed in seeds:
+                d = out / "dg" / dataset / test / f"seed{seed}"
+                if run or (d / "summary.json").is_file():
+                    cells.setdefault(test, []).append(
+                        _train(recipe, d, [f"trainer.seed={seed}", f"data.test_domains=[{test}]"]))
+        head = "| method | " + " | ".join(f"test {t}" for t in domains) + " | average | cost |"
+        row_last = ["erm (last)"] + [mean_std([r["test_acc_last"] for r in cells.get(t, [])]) for t in domains]
+        row_best = ["erm (best val)"] + [mean_std([r["test_acc_best"] for r in cells.get(t, [])]) for t in domains]
+        val = ["training-domain val (best)"] + [mean_std([r["val_acc_best"] for r in cells.get(t, [])])
+                                                for t in domains]
+        avg_last = [statistics.mean(cells[t][i]["test_acc_last"] for t in domains) for i in range(len(seeds))
+                    if all(len(cells.get(t, [])) > i for t in domains)]
+        avg_best = [statistics.mean(cells[t][i]["test_acc_best"] for t in domains) for i in range(len(seeds))
+                    if all(len(cells.get(t, [])) > i for t in domains)]
+        cost = _cost([r for rs in cells.values() for r in rs])
+        parts += [f"\n#### {dataset}\n", head, "|---" * (len(domains) + 3) + "|",
+                  "| " + " | ".join(row_last) + f" | {mean_std(avg_last)} | {cost} |",
+                  "| " + " | ".join(row_best) + f" | {mean_std(avg_best)} | |",
+                  "| " + " | ".join(val) + " | | |"]
+    return "\n".join(parts)
+
+
+def tta(out: Path, seeds: list[int], run: bool) -> str:
+    res: dict[str, dict[int, dict]] = {}
+    sources = {}
+    for seed in seeds:
+        src = out / "tta" / "source_model" / f"seed{seed}"
+        if run or (src / "summary.json").is_file():
+            sources[seed] = _train(TTA["source_recipe"], src, [f"trainer.seed={seed}"])
+        for m in TTA["methods"]:
+            d = out / "tta" / m / f"seed{seed}"
+            if (d / "summary.json").is_file():
+                res.setdefault(m, {})[seed] = json.loads((d / "summary.json").read_text())
+            elif run:
+                cfg = build_adapt_config([f"method.name={m}", f"out_dir={d}", f"trainer.seed={seed}",
+                                          "data.batch_size=128"])
+                plan = AdaptPlan(run=str(src), shift=TTA["shift"], setting="reset",
+                                 options={"severities": TTA["severities"]})
+                res.setdefault(m, {})[seed] = adapt(plan, cfg)
+    if not res:
+        return ""
+    streams = [k[len("acc@"):] for k in next(iter(res["source"].values())) if k.startswith("acc@")]
+    clean = [sources[s]["test_acc_last"] for s in seeds if s in sources]
+    base = [res["source"][s]["acc_mean"] for s in seeds if s in res.get("source", {})]
+    lines = [f"Source model: `{TTA['source_recipe']}` (clean test accuracy {mean_std(clean)}).", "",
+             "| method | mean acc over 15 corruptions | worst corruption | paired gain over source | img/s |",
+             "|---|---|---|---|---|"]
+    for m, rows in res.items():
+        rs = [rows[s] for s in seeds if s in rows]
+        mean = [r["acc_mean"] for r in rs]
+        gain = paired_gain(mean, base) if m != "source" and len(mean) == len(base) else "–"
+        rate = statistics.mean(r["img_s"] for r in rs)
+        lines.append(f"| {m} | {mean_std(mean)} | {mean_std([r['acc_worst'] for r in rs])} | {gain} | {rate:,.0f} |")
+    lines += ["", "| corruption (severity 5) | " + " | ".join(res) + " |", "|---" * (len(res) + 1) + "|"]
+    for st in streams:
+        cells = [mean_std([rows[s][f"acc@{st}"] for s in seeds if s in rows]) for rows in res.values()]
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suites", default="ssl,dg,tta")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default="runs/bench/families")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    out = Path(args.out)
+    suites = {"ssl": ssl, "dg": dg, "tta": tta}
+    t0 = time.time()
+    sections = []
+    for name in args.suites.split(","):
+        text = suites[name](out, seeds, run=not args.report_only)
+        sections.append(f"\n### {name}\n\n{text}\n")
+        (out / "report.md").parent.mkdir(parents=True, exist_ok=True)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip()
+        head = (f"Command: `python benchmarks/families.py --suites {args.suites} --seeds {args.seeds}`, commit "
+                f"{commit}, {time.strftime('%Y-%m-%d')}.\n")
+        (out / "report.md").write_text(head + "".join(sections))
+    print((out / "report.md").read_text())
+    print(f"({(time.time() - t0) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Statistics shared by the benchmark reports: mean ± std over seeds and paired gains (PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+
+def mean_std(xs: list[float]) -> str:
+    """Accuracies in [0, 1] as "mean ± std" in percent over seeds (NaNs dropped; "–" when none)."""
+    xs = [100 * x for x in xs if not math.isnan(x)]
+    if not xs:
+        return "–"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
+
+
+def paired_gain(xs: list[float], base: list[float]) -> str:
+    """Mean ± std of the per-seed differences to the baseline, in points; * where |mean| > 2 std."""
+    d = [100 * (a - b) for a, b in zip(xs, base)]
+    if not d:
+        return "–"
+    m = statistics.mean(d)
+    sd = statistics.stdev(d) if len(d) > 1 else 0.0
+    mark = " *" if len(d) > 1 and abs(m) > 2 * sd else ""
+    return f"{m:+.2f} ± {sd:.2f}{mark}"
