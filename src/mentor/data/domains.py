@@ -104,11 +104,7 @@ def _load_builtin() -> None:
     import importlib
 
     for module in _BUILTIN:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:  # TEMPORARY
-            if e.name != module:
-                raise
+        importlib.import_module(module)
 
 
 # The modules that register domain sets with @register_domains.
