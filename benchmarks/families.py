@@ -39,18 +39,21 @@ SSL = {"recipes": {"supervised": "recipes/semi/fmnist_supervised_40.yaml",
                    "pseudo_label": "recipes/semi/fmnist_pseudo_label.yaml"},
        # mu = 2 instead of USB's 7 keeps a pseudo-label step at ~0.2 s on 2 CPU cores
        "overrides": ["data.unlabeled_ratio=2"]}
-DG = {"rotated_fmnist": ("recipes/generalize/rotated_fmnist_erm.yaml", ["0", "15", "30", "45", "60", "75"]),
-      "digits_domains": ("recipes/generalize/digits_domains_erm.yaml",
-                         ["handwritten", "dejavu", "liberation", "freefont", "urw"])}
+DG = {"digits_domains": ("recipes/generalize/digits_domains_erm.yaml",
+                         ["handwritten", "dejavu", "liberation", "freefont", "urw"]),
+      "rotated_fmnist": ("recipes/generalize/rotated_fmnist_erm.yaml", ["0", "15", "30", "45", "60", "75"])}
 TTA = {"source_recipe": "recipes/supervised/fmnist_resnet8.yaml", "methods": ["source", "norm"],
        "shift": "fmnist_c", "severities": (5,)}
+
+
+THREADS: list[str] = []  # trainer.threads override (--threads)
 
 
 def _train(recipe: str, run: Path, overrides: list[str]) -> dict:
     summary = run / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text())
-    return train(load_config(ROOT / recipe, [f"out_dir={run}", "trainer.progress=false", *overrides]))
+    return train(load_config(ROOT / recipe, [f"out_dir={run}", "trainer.progress=false", *THREADS, *overrides]))
 
 
 def _cost(rows: list[dict]) -> str:
@@ -154,7 +157,10 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="runs/bench/families")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (trainer.threads)")
     args = p.parse_args()
+    if args.threads:
+        THREADS.append(f"trainer.threads={args.threads}")
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
     suites = {"ssl": ssl, "dg": dg, "tta": tta}
