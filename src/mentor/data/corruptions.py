@@ -46,8 +46,6 @@ import json
 import logging
 import math
 import operator
-import os
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,6 +59,7 @@ from mentor.data.domains import DomainSet, register_domains
 from mentor.data.errors import DataError
 from mentor.data.readers import ArrayDataset
 from mentor.data.sources import default_fetch_dir, get_source, load_dataset
+from mentor.fileio import atomic_write_bytes
 from mentor.registry import suggest
 
 log = logging.getLogger(__name__)
@@ -807,25 +806,6 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest if isinstance(manifest, dict) else {}
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so a reader
-    never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    # os.open with mode 0o666 lets the umask decide the permissions, as for any other file the user
-    # writes (tempfile.mkstemp would make it private to the user).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -875,12 +855,12 @@ def _store(folder: Path, files: dict[str, np.ndarray]) -> None:
     entries = dict(entries) if isinstance(entries, dict) else {}
     for filename, array in files.items():
         data = _npy_bytes(array)
-        _write_atomic(folder / filename, data)
+        atomic_write_bytes(folder / filename, data)
         entries[filename] = {"sha256": _sha256(data), "shape": list(array.shape), "dtype": "uint8"}
     manifest = {"generator": __name__, "generator_version": GENERATOR_VERSION,
                 "source": "fashion_mnist test split", "layout": "CIFAR-10-C: <corruption>.npy [5 * N, H, W], "
                 "severities 1..5 stacked in order; labels.npy [5 * N]", "files": entries}
-    _write_atomic(folder / _MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+    atomic_write_bytes(folder / _MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
 def _fmnist_c_folders(root: str | Path | None) -> tuple[list[Path], Path]:

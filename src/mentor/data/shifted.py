@@ -413,6 +413,15 @@ def _chosen(root: Path, available: list[str], domains: list[str] | None) -> list
     return chosen
 
 
+def _check_root(root: str | None, kind: str, what: str) -> None:
+    """A user's domain tree exists and passes the layout checker (all problems in one message)."""
+    if root is None:
+        raise DataError(f"domain_{kind} needs data.root: {what}")
+    problems = check_domain_layout(root, kind)
+    if problems:
+        raise layout_error(root, kind, problems)
+
+
 @register_domains("domain_folder")
 def domain_folder(root: str | None, image_size: int = 32, channels: int = 3,
                   domains: list[str] | None = None) -> DomainSet:
@@ -424,12 +433,8 @@ def domain_folder(root: str | None, image_size: int = 32, channels: int = 3,
     domain; ``domains`` picks some (default: all, sorted). mean/std are measured over all the domains
     loaded. Any layout problem (see ``check_domain_layout``) stops the load with all of them listed.
     """
-    if root is None:
-        raise DataError("domain_folder needs root: the folder holding <domain>/<class>/<images>")
+    _check_root(root, "folder", "the folder holding <domain>/<class>/<images>")
     mode = _mode(channels)
-    problems = check_domain_layout(root, "folder")
-    if problems:
-        raise layout_error(root, "folder", problems)
     folders = image_folder_domains(root, image_size, domains, mode)
     return _with_pooled_stats(Path(root).name, {d: f.to_array_dataset(d) for d, f in folders.items()})
 
@@ -446,12 +451,8 @@ def domain_list(root: str | None, image_size: int = 32, channels: int = 3,
     channels; classes are the labels 0..K-1 (named "0".."K-1"); mean/std are measured over all the
     domains loaded. Any layout problem (see ``check_domain_layout``) stops the load with all of them listed.
     """
-    if root is None:
-        raise DataError("domain_list needs root: the folder the list files and image paths are relative to")
+    _check_root(root, "list", "the folder the list files and image paths are relative to")
     mode = _mode(channels)
-    problems = check_domain_layout(root, "list")
-    if problems:
-        raise layout_error(root, "list", problems)
     base = Path(root)
     lists = find_domain_lists(base)
     entries = {d: [e for path in files for e in read_image_list(path)[0]] for d, files in lists.items()}
