@@ -1,6 +1,7 @@
 """Datasets as tensors: official-format readers, the named-dataset registry, downloads, seeded
-stratified splits, and the on-device batch loader."""
+stratified splits, the on-device batch loader, and domain sets / shifts (``load_domains``)."""
 
+from mentor.data.domains import DomainSet, list_domain_sets, load_domains
 from mentor.data.errors import DataError
 from mentor.data.fetch import download_file, fetch, sha256_file
 from mentor.data.folders import ImageFolder, find_classes, image_folder_domains, list_domains
@@ -22,6 +23,7 @@ __all__ = [
     "ArrayDataset",
     "DataError",
     "DeviceLoader",
+    "DomainSet",
     "Download",
     "ImageFolder",
     "Source",
@@ -32,8 +34,10 @@ __all__ = [
     "get_source",
     "image_folder_domains",
     "list_datasets",
+    "list_domain_sets",
     "list_domains",
     "load_dataset",
+    "load_domains",
     "read_cifar",
     "read_digits",
     "read_idx",
