@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from ..config import ConfigError
 from ..methods import register_method
-from .fitnet import FeatureDistiller, FeatureKDConfig, stages
+from ..models import stage_names
+from .fitnet import FeatureDistiller, FeatureKDConfig
 from .losses.feature import at_loss
 
 
@@ -32,8 +33,8 @@ class AT(FeatureDistiller):
 
     def layers(self) -> tuple[list[str], list[str]]:
         c = self.cfg
-        s = list(c.layers) or list(stages(self.student, "student")[1:])
-        t = list(c.teacher_layers) or (list(c.layers) if c.layers else list(stages(self.teacher, "teacher")[1:]))
+        s = list(c.layers) or list(stage_names(self.student, "student")[1:])
+        t = list(c.teacher_layers) or (list(c.layers) if c.layers else list(stage_names(self.teacher, "teacher")[1:]))
         if c.layers and c.teacher_layers and len(s) != len(t):
             raise ConfigError(f"at: method.layers ({len(s)}) and method.teacher_layers ({len(t)}) must pair "
                               "up one to one")

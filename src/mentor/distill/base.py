@@ -1,10 +1,13 @@
-"""The base of every distillation method: a student, frozen teacher(s) and the CE weight."""
+"""The base of every distillation method: a student, frozen teacher(s), the CE weight, and the step's
+result: the supervised CE plus the weighted teacher terms (:meth:`DistillerBase.combine`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
@@ -28,7 +31,38 @@ class MultiTeacherConfig(MethodConfig):
     ce_weight: float = 1.0
 
 
-class Distiller(Method):
+def train_accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    """The top-1 accuracy of a training batch (a logged number, no gradient)."""
+    return (logits.detach().argmax(1) == y).float().mean()
+
+
+class DistillerBase(Method):
+    """What single- and multi-teacher distillers share: the labelled loss and the step's result."""
+
+    def combine(self, logits: Tensor, y: Tensor, terms: dict[str, Tensor] | Callable[[], dict[str, Tensor]],
+                weights: dict[str, float | Tensor] | None = None, label_smoothing: float = 0.0) -> dict[str, Tensor]:
+        """The result of a training step from the student's logits and the distillation terms.
+
+        ``loss = cfg.ce_weight * CE(logits, y) + sum_k weights[k] * terms[k]``, summed in that order
+        (CE computed in float32, with optional ``label_smoothing``). Returns ``{"loss", "ce", **terms,
+        "train_acc"}``: every term is logged as given (unweighted), including terms that ``weights``
+        leaves out of the loss (sub-terms, weights).
+
+        ``terms`` may be a function returning the dict, called after the CE is built. The order in
+        which a step builds its autograd nodes decides the order in which backward sums the gradients
+        of a tensor used several times, and so the last bits of every gradient: methods whose terms
+        follow the CE pass a function to keep that order.
+        """
+        ce = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+        if callable(terms):
+            terms = terms()
+        loss = self.cfg.ce_weight * ce
+        for name, w in (weights or {}).items():
+            loss = loss + w * terms[name]
+        return {"loss": loss, "ce": ce, **terms, "train_acc": train_accuracy(logits, y)}
+
+
+class Distiller(DistillerBase):
     """A student and one frozen teacher (``self.teacher``, eval mode, never wrapped in DDP)."""
 
     Config = DistillConfig
@@ -45,7 +79,7 @@ class Distiller(Method):
         return self.teacher(x)
 
 
-class MultiTeacherDistiller(Method):
+class MultiTeacherDistiller(DistillerBase):
     """A student and several frozen teachers (``self.teachers``)."""
 
     Config = MultiTeacherConfig

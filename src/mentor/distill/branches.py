@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..models import stage_names
+
 
 class BranchOutputs(NamedTuple):
     """One forward pass of every branch: the map entering ``pool`` (a list, one ``[B, D, H, W]`` per
@@ -50,16 +52,6 @@ def reinitialise(module: nn.Module) -> None:
             m.reset_parameters()
 
 
-def _check_zoo_shape(model: nn.Module) -> tuple[str, ...]:
-    stages = tuple(getattr(model, "stage_names", ()))
-    missing = [n for n in (*stages, "pool", "fc") if not isinstance(getattr(model, n, None), nn.Module)]
-    if not stages or missing:
-        raise TypeError(f"{type(model).__name__} cannot be split into branches: online distillation needs a "
-                        f"zoo-style network with `stage_names`, `pool` and `fc` sub-modules (missing: "
-                        f"{missing or ['stage_names']}); see mentor.models.StagedNet")
-    return stages
-
-
 class MultiBranchNet(nn.Module):
     """``num_branches`` networks that share ``model``'s first stages and own copies of its last ones.
 
@@ -82,7 +74,7 @@ class MultiBranchNet(nn.Module):
 
     def __init__(self, model: nn.Module, num_branches: int, branch_stages: int | None = 1, keep: int = 0):
         super().__init__()
-        stages = _check_zoo_shape(model)
+        stages = stage_names(model, "model to split into branches", ("pool", "fc"))
         n = len(stages) if branch_stages is None else branch_stages
         if not 1 <= n <= len(stages):
             raise ValueError(f"branch_stages must be in 1..{len(stages)} for {type(model).__name__} "

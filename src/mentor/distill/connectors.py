@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
 from ..models import FeatureTap
+from ..nn.projectors import conv_block, conv_projector
 
-__all__ = ["ConvRegressor", "EmbedHead", "probe_shapes"]
+__all__ = ["ConvRegressor", "EmbedHead", "bottleneck_projector", "probe_shapes"]
 
 
 @torch.no_grad()
@@ -42,22 +42,19 @@ class ConvRegressor(nn.Sequential):
     Sized as RepDistiller's ``ConvReg`` where the resolutions differ by a factor of two (a 3x3
     stride-2 conv down, a 4x4 stride-2 transposed conv up); at equal resolution a 1x1 conv. Other
     ratios get a 1x1 conv too and the hint loss pools the larger map to the smaller
-    (:func:`mentor.distill.losses.align_spatial`) instead of the reference's
-    ``(1 + H_s - H_t)``-wide valid conv. ``relu=True`` as the reference's hint regressor: the
-    teacher's stage outputs it regresses onto are post-ReLU.
+    (:func:`mentor.nn.align_spatial`) instead of the reference's ``(1 + H_s - H_t)``-wide valid
+    conv. ``relu=True`` as the reference's hint regressor: the teacher's stage outputs it regresses
+    onto are post-ReLU. The convs have a bias, as the reference's.
     """
 
     def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], relu: bool = True):
         (c_s, h_s, w_s), (c_t, h_t, w_t) = tuple(student_shape[-3:]), tuple(teacher_shape[-3:])
         if (h_t, w_t) == ((h_s + 1) // 2, (w_s + 1) // 2) and h_s > 1:
-            conv: nn.Module = nn.Conv2d(c_s, c_t, 3, stride=2, padding=1)
+            layers = conv_block(c_s, c_t, 3, stride=2, bias=True, act=relu)
         elif (h_t, w_t) == (2 * h_s, 2 * w_s):
-            conv = nn.ConvTranspose2d(c_s, c_t, 4, stride=2, padding=1)
+            layers = conv_block(c_s, c_t, 4, stride=2, bias=True, act=relu, transposed=True)
         else:
-            conv = nn.Conv2d(c_s, c_t, 1)
-        layers = [conv, nn.BatchNorm2d(c_t)]
-        if relu:
-            layers.append(nn.ReLU())
+            layers = conv_block(c_s, c_t, 1, bias=True, act=relu)
         super().__init__(*layers)
 
 
@@ -73,31 +70,7 @@ class EmbedHead(nn.Module):
         return F.normalize(self.linear(x.flatten(1)).float(), dim=1)
 
 
-def feature_stages(model: nn.Module, role: str) -> tuple[str, ...]:
-    """The names of ``model``'s stages (``stem``, ``layer1`` ..), checked: the projector methods
-    need a staged network with ``pool`` and ``fc`` (every zoo model)."""
-    names = getattr(model, "stage_names", None)
-    if not names or not hasattr(model, "pool") or not hasattr(model, "fc"):
-        raise ConfigError(f"the {role} ({type(model).__name__}) must be a staged network with stage_names, "
-                          "pool and fc (any mentor.models zoo network) for this distillation method")
-    return tuple(names)
-
-
-def prepool_modules(model: nn.Module, role: str) -> list[str]:
-    """The modules that compute the last feature map before pooling: the stages, then ``head`` (the
-    1x1 conv of MobileNetV2/ShuffleNet) where the network has one."""
-    names = list(feature_stages(model, role))
-    if isinstance(getattr(model, "head", None), nn.Module):
-        names.append("head")
-    return names
-
-
 def bottleneck_projector(c_in: int, c_out: int, factor: int = 2) -> nn.Sequential:
-    """SimKD's projector: conv1x1 -> BN -> ReLU -> conv3x3 -> BN -> ReLU -> conv1x1 -> BN -> ReLU,
-    with a bottleneck of ``c_out // factor`` channels (Chen et al., CVPR 2022)."""
-    mid = max(1, c_out // factor)
-    return nn.Sequential(
-        nn.Conv2d(c_in, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-        nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-        nn.Conv2d(mid, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-    )
+    """SimKD's projector (Chen et al., CVPR 2022): :func:`mentor.nn.conv_projector`'s bottleneck
+    conv1x1 -> conv3x3 -> conv1x1, each with BN and ReLU, through ``c_out // factor`` channels."""
+    return conv_projector(c_in, c_out, max(1, c_out // factor))

@@ -8,17 +8,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..methods import BuildInfo, StepContext, register_method
-from ..models import FeatureTap
-from ..nn import soft_kl
+from ..models import FeatureTap, prepool_names, stage_names
+from ..nn import align_spatial, soft_kl
 from .base import DistillConfig, Distiller
-from .connectors import bottleneck_projector, feature_stages, prepool_modules, probe_shapes
+from .connectors import bottleneck_projector, probe_shapes
 from .losses.crosslayer import dskd_weights, simkd_loss
-from .losses.feature import align_spatial
 
 
 @register_method("dskd")
@@ -60,11 +58,11 @@ class DSKD(Distiller):
 
     def __init__(self, cfg: Config, student: nn.Module, info: BuildInfo):
         super().__init__(cfg, student, info)
-        self.shallow = feature_stages(student, "student")[1:-1]
+        self.shallow = stage_names(student, "student")[1:-1]
         if not self.shallow:
             raise ConfigError(f"dskd: the student {type(student).__name__} has no shallow stage between its stem "
                               "and its last stage to supervise; use a network with at least two stages")
-        self.t_name = prepool_modules(self.teacher, "teacher")[-1]
+        self.t_name = prepool_names(self.teacher, "teacher")[-1]
         self.s_tap = FeatureTap(student, self.shallow)
         self.t_tap = FeatureTap(self.teacher, self.t_name)
 
@@ -78,8 +76,7 @@ class DSKD(Distiller):
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         x, y = batch["x"], batch["y"]
         c = self.cfg
-        with torch.no_grad():
-            t_logits = self.teacher(x)
+        t_logits = self.teacher_logits(x)
         f_t = self.t_tap[self.t_name]
         logits = self.student(x)
         per_layer = []
@@ -91,11 +88,8 @@ class DSKD(Distiller):
         layer_losses = torch.stack(per_layer)
         w = dskd_weights(layer_losses, c.weight_temperature)
         ds = (w * layer_losses).sum()
-        ce = F.cross_entropy(logits.float(), y)
-        kd = soft_kl(logits, t_logits, c.temperature)
-        loss = c.ce_weight * ce + c.kd_weight * kd + c.ds_weight * ds
-        out = {"loss": loss, "ce": ce, "kd": kd, "ds": ds,
-               "train_acc": (logits.detach().argmax(1) == y).float().mean()}
+        out = self.combine(logits, y, {"kd": soft_kl(logits, t_logits, c.temperature), "ds": ds},
+                           {"kd": c.kd_weight, "ds": c.ds_weight})
         for i, name in enumerate(self.shallow):
             out[f"ds_{name}"] = layer_losses[i].detach()
             out[f"w_{name}"] = w[i]

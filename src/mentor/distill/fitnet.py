@@ -11,25 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..methods import BuildInfo, StepContext, register_method
-from ..models import FeatureTap
+from ..models import FeatureTap, stage_names
 from ..nn import soft_kl
 from .base import DistillConfig, Distiller
 from .connectors import ConvRegressor, probe_shapes
 from .losses.feature import hint_loss
-
-
-def stages(model: nn.Module, role: str) -> tuple[str, ...]:
-    """``model``'s feature stages (``stem``, ``layer1`` ..): every zoo network names them."""
-    names = getattr(model, "stage_names", None)
-    if not names:
-        raise ConfigError(f"the {role} ({type(model).__name__}) has no stage_names: name the layers to tap "
-                          "explicitly in the method config, or use a mentor.models zoo network")
-    return tuple(names)
 
 
 @dataclass
@@ -88,11 +78,8 @@ class FeatureDistiller(Distiller):
         zs = self.student(x)
         fs = [self.s_tap[n] for n in self.s_names]
         feat, extra = self.feature_loss(fs, ft, batch)
-        ce = F.cross_entropy(zs.float(), y)
-        kd = soft_kl(zs, zt, c.temperature)
-        loss = c.ce_weight * ce + c.kd_weight * kd + c.beta * feat
-        acc = (zs.detach().argmax(1) == y).float().mean()
-        return {"loss": loss, "ce": ce, "kd": kd, self.term: feat, **extra, "train_acc": acc}
+        terms = {"kd": soft_kl(zs, zt, c.temperature), self.term: feat, **extra}
+        return self.combine(zs, y, terms, {"kd": c.kd_weight, self.term: c.beta})
 
 
 @register_method("fitnet")
@@ -120,7 +107,7 @@ class FitNet(FeatureDistiller):
         def pick(name: str, model: nn.Module, role: str) -> str:
             if name:
                 return name
-            names = stages(model, role)
+            names = stage_names(model, role)
             return names[min(2, len(names) - 1)]
 
         return ([pick(self.cfg.student_layer, self.student, "student")],

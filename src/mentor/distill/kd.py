@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..methods import StepContext, register_method
@@ -63,9 +62,7 @@ class KD(Distiller):
         x, y = batch["x"], batch["y"]
         zt = self.teacher_logits(x)
         zs = self.student(x)
-        # Subclasses (DKD, RLD) follow papers without label smoothing: their configs have no such key.
-        ce = F.cross_entropy(zs.float(), y, label_smoothing=getattr(self.cfg, "label_smoothing", 0.0))
-        terms = self.distill_terms(zs, zt, y, ctx)
-        loss = self.cfg.ce_weight * ce + terms["kd"]
-        acc = (zs.detach().argmax(1) == y).float().mean()
-        return {"loss": loss, "ce": ce, **terms, "train_acc": acc}
+        # Subclasses (DKD, RLD) follow papers without label smoothing: their configs have no such key. A
+        # function: the teacher terms are built after the CE (see DistillerBase.combine).
+        return self.combine(zs, y, lambda: self.distill_terms(zs, zt, y, ctx), {"kd": 1.0},
+                            label_smoothing=getattr(self.cfg, "label_smoothing", 0.0))

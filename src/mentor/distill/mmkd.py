@@ -14,6 +14,7 @@ from torch.func import functional_call
 
 from ..config import ConfigError
 from ..methods import Phase, StepContext, register_method
+from ..nn import align_spatial, mlp
 from .losses.multi import multi_teacher_feature_loss, multi_teacher_kd_loss
 from .multi_teacher import FeatureMKD, FeatureMKDConfig
 
@@ -27,8 +28,7 @@ class WeightNet(nn.Module):
 
     def __init__(self, n_in: int, num_teachers: int):
         super().__init__()
-        hidden = max(1, n_in // 2)
-        self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, num_teachers))
+        self.mlp = mlp(n_in, max(1, n_in // 2), num_teachers)
 
     def forward(self, state: Tensor) -> Tensor:
         return self.mlp(state.float()).softmax(-1).t()
@@ -132,29 +132,17 @@ class MMKD(FeatureMKD):
                       optim={"name": "adamw", "lr": self.cfg.meta_lr, "weight_decay": self.cfg.meta_weight_decay})]
 
     # -- losses ----------------------------------------------------------------------------------
-    @staticmethod
-    def align(f_s: Tensor, f_t: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        """(Embed inputs, targets): the larger of the student's and teacher k's maps is average-pooled to
-        the smaller one's size."""
-        ins, targets = [], []
-        for f in f_t:
-            if f_s.shape[-1] > f.shape[-1]:
-                ins.append(F.adaptive_avg_pool2d(f_s, f.shape[-2:]))
-                targets.append(f)
-            else:
-                ins.append(f_s)
-                targets.append(F.adaptive_avg_pool2d(f, f_s.shape[-2:]))
-        return ins, targets
-
     def distill_terms(self, s: Tensor, t: Tensor, f_s: Tensor, f_t: list[Tensor], embed,
                       learn_weights: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(KD, feature MSE, w, v) from logits and maps; ``embed(list of maps) -> list of maps``.
-        The weight networks get gradients only when ``learn_weights`` (the meta phase)."""
+        The larger of the student's and teacher k's maps is average-pooled to the smaller one's size
+        (:func:`mentor.nn.align_spatial`) before Embed k. The weight networks get gradients only when
+        ``learn_weights`` (the meta phase)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and learn_weights):
             w, v = self.logit_net(t, s), self.feat_net(f_t, f_s)
-        ins, targets = self.align(f_s, f_t)
+        ins, targets = zip(*(align_spatial(f_s, f) for f in f_t))
         kd = multi_teacher_kd_loss(s, t, w, self.cfg.temperature)
-        return kd, multi_teacher_feature_loss(embed(ins), targets, v), w, v
+        return kd, multi_teacher_feature_loss(embed(list(ins)), list(targets), v), w, v
 
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         if ctx.phase == "meta":
@@ -164,11 +152,9 @@ class MMKD(FeatureMKD):
         s = self.student(x)
         f_s, f_t = self.last_maps()
         kd, feat, w, v = self.distill_terms(s, t, f_s, f_t, self.embeds, learn_weights=False)
-        ce = F.cross_entropy(s, y)
         if self.cfg.hard_buffer:
             self.remember(x, y, s.detach().argmax(1) != y)
-        out = {"loss": self.cfg.ce_weight * ce + self.cfg.kd_weight * kd + self.cfg.feat_weight * feat,
-               "ce": ce, "kd": kd, "feat": feat}
+        out = self.combine(s, y, {"kd": kd, "feat": feat}, {"kd": self.cfg.kd_weight, "feat": self.cfg.feat_weight})
         out.update({f"w{k}": wk.mean() for k, wk in enumerate(w)})
         out.update({f"v{k}": vk.mean() for k, vk in enumerate(v)})
         return out

@@ -10,13 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..methods import StepContext, register_method
-from ..models import FeatureTap
+from ..models import FeatureTap, last_map_name
+from ..nn import conv_projector, resize_to
 from .base import MultiTeacherConfig, MultiTeacherDistiller
+from .connectors import probe_shapes
 from .losses.multi import (
     multi_teacher_feature_loss,
     multi_teacher_kd_loss,
@@ -51,9 +52,9 @@ class AvgMKD(MultiTeacherDistiller):
         t = self.teacher_logits(x)
         s = self.student(x)
         w = self.teacher_weights(t, y)
-        ce = F.cross_entropy(s, y)
-        kd = multi_teacher_kd_loss(s, t, w, self.cfg.temperature) * self.kd_scale
-        out = {"loss": self.cfg.ce_weight * ce + self.cfg.kd_weight * kd, "ce": ce, "kd": kd}
+        # A function: the KD term is built after the CE (see DistillerBase.combine).
+        out = self.combine(s, y, lambda: {"kd": multi_teacher_kd_loss(s, t, w, self.cfg.temperature) * self.kd_scale},
+                           {"kd": self.cfg.kd_weight})
         out.update({f"w{k}": wk.mean() for k, wk in enumerate(w.detach())})
         return out
 
@@ -71,29 +72,13 @@ class EBKD(AvgMKD):
 # -- features ---------------------------------------------------------------------------------------
 
 
-def last_map_name(net: nn.Module) -> str:
-    """The module whose output is the last feature map before ``pool`` (``head`` where a zoo net has
-    one, else its last stage)."""
-    if isinstance(getattr(net, "head", None), nn.Module):
-        return "head"
-    stages = getattr(net, "stage_names", None)
-    if not stages:
-        raise ConfigError(f"{type(net).__name__} names no stages (stage_names): feature-based multi-teacher "
-                          "KD needs a zoo network (stem, layer1.., pool, fc)")
-    return stages[-1]
-
-
 class Embed(nn.Sequential):
     """The student-to-teacher connector of CA-MKD and MMKD: conv1x1 -> BN -> ReLU, or with ``convs`` a
-    bottleneck conv1x1 -> conv3x3 -> conv1x1 (each with BN and ReLU) through ``c_in // factor``."""
+    bottleneck conv1x1 -> conv3x3 -> conv1x1 (each with BN and ReLU) through ``c_in // factor``
+    (:func:`mentor.nn.conv_projector`; the convs have a bias, as the reference's)."""
 
     def __init__(self, c_in: int, c_out: int, convs: bool = False, factor: int = 2):
-        def block(a: int, b: int, k: int) -> list[nn.Module]:
-            return [nn.Conv2d(a, b, k, padding=k // 2), nn.BatchNorm2d(b), nn.ReLU()]
-
-        mid = max(1, c_in // factor)
-        super().__init__(*(block(c_in, mid, 1) + block(mid, mid, 3) + block(mid, c_out, 1) if convs
-                           else block(c_in, c_out, 1)))
+        super().__init__(*conv_projector(c_in, c_out, max(1, c_in // factor) if convs else None, bias=True))
 
 
 class Embeds(nn.ModuleList):
@@ -102,15 +87,6 @@ class Embeds(nn.ModuleList):
 
     def forward(self, xs: list[Tensor]) -> list[Tensor]:
         return [m(x) for m, x in zip(self, xs, strict=True)]
-
-
-def resize_to(f: Tensor, size: tuple[int, int]) -> Tensor:
-    """Average-pool down, or bilinearly upsample, a map to ``size`` (CA-MKD's spatial alignment)."""
-    if tuple(f.shape[-2:]) == tuple(size):
-        return f
-    if f.shape[-2] >= size[0]:
-        return F.adaptive_avg_pool2d(f, size)
-    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
 
 
 @dataclass
@@ -129,8 +105,8 @@ class FeatureMKD(AvgMKD):
 
     def __init__(self, cfg, student, info):
         super().__init__(cfg, student, info)
-        self.student_tap = FeatureTap(student, last_map_name(student))
-        self.teacher_taps = [FeatureTap(t, last_map_name(t)) for t in self.teachers]
+        self.student_tap = FeatureTap(student, last_map_name(student, "student"))
+        self.teacher_taps = [FeatureTap(t, last_map_name(t, "teacher")) for t in self.teachers]
 
     def teacher_maps(self) -> list[Tensor]:
         """Each teacher's map from its latest forward pass (``teacher_logits``)."""
@@ -141,14 +117,11 @@ class FeatureMKD(AvgMKD):
         return self.student_tap[self.student_tap.names[0]], self.teacher_maps()
 
     def setup(self, batch: dict[str, Tensor]) -> None:
-        x = batch["x"][:2]
-        with torch.no_grad():
-            mode = self.student.training
-            self.student.eval()  # shapes only: leave the BN statistics alone
-            self.teacher_logits(x)
-            self.student(x)
-            self.student.train(mode)
-        f_s, f_t = self.last_maps()
+        x = batch["x"]
+        for net, tap in zip(self.teachers, self.teacher_taps):
+            probe_shapes(net, tap, x)
+        probe_shapes(self.student, self.student_tap, x)
+        f_s, f_t = self.last_maps()  # the dry run's maps, which the taps still hold
         self.embeds = Embeds([Embed(f_s.shape[1], f.shape[1], self.cfg.convs) for f in f_t]).to(x.device)
 
 

@@ -22,13 +22,10 @@ from torch import Tensor, nn
 from ..config import ConfigError
 from ..methods import BuildInfo, Method, MethodConfig, StepContext, register_method
 from ..models.common import init_reference
-from ..nn.kl import soft_kl
+from ..nn import conv_block, soft_kl
+from .base import train_accuracy
 from .branches import Head, MultiBranchNet
 from .losses.online import diversity_loss, dml_loss, okddip_distillation, okddip_targets, rampup
-
-
-def _accuracy(logits: Tensor, y: Tensor) -> Tensor:
-    return (logits.detach().argmax(1) == y).float().mean()
 
 
 def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
@@ -70,7 +67,7 @@ class DML(_Online):
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         logits = self.net(batch["x"]).logits
         ce, kl = dml_loss(logits, batch["y"], self.cfg.temperature)
-        return {"loss": ce + kl, "ce": ce, "kl": kl, "train_acc": _accuracy(logits[0], batch["y"])}
+        return {"loss": ce + kl, "ce": ce, "kl": kl, "train_acc": train_accuracy(logits[0], batch["y"])}
 
 
 @register_method("okddip")
@@ -124,7 +121,7 @@ class OKDDip(_Online):
         weight = cfg.kd_weight * rampup(ctx.epoch, cfg.rampup_epochs)
         loss = ce + weight * (kd_peers + kd_leader)
         return {"loss": loss, "ce": ce, "kd_peers": kd_peers, "kd_leader": kd_leader,
-                "train_acc": _accuracy(leader, y)}
+                "train_acc": train_accuracy(leader, y)}
 
     def eval_heads(self) -> dict[str, nn.Module]:
         heads = super().eval_heads()
@@ -148,9 +145,7 @@ class FeatureFusion(nn.Module):
     def __init__(self, channels: int, num_branches: int, num_classes: int):
         super().__init__()
         wide = channels * num_branches
-        self.mix = nn.Sequential(
-            nn.Conv2d(wide, wide, 3, padding=1, groups=wide, bias=False), nn.BatchNorm2d(wide), nn.ReLU(),
-            nn.Conv2d(wide, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
+        self.mix = nn.Sequential(*conv_block(wide, wide, 3, groups=wide), *conv_block(wide, channels, 1))
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         self.fc = nn.Linear(channels, num_classes)
         init_reference(self)
@@ -207,7 +202,7 @@ class MBD(_Online):
         kd = sum(soft_kl(z, teacher, cfg.temperature) for z in out.logits)
         cd = diversity_loss([net.fc.weight for net in self.net.branches])
         loss = ce + cfg.kd_weight * rampup(ctx.epoch, cfg.rampup_epochs) * kd + cfg.diversity_weight * cd
-        return {"loss": loss, "ce": ce, "kd": kd, "cd": cd, "train_acc": _accuracy(out.logits[0], y)}
+        return {"loss": loss, "ce": ce, "kd": kd, "cd": cd, "train_acc": train_accuracy(out.logits[0], y)}
 
     def eval_heads(self) -> dict[str, nn.Module]:
         heads = super().eval_heads()

@@ -12,12 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..methods import BuildInfo, StepContext, register_method
-from ..models import FeatureTap
-from ..nn import soft_kl
+from ..models import FeatureTap, stage_names
+from ..nn import align_spatial, conv_projector, mlp, soft_kl
 from .base import DistillConfig, Distiller
-from .connectors import feature_stages, probe_shapes
+from .connectors import probe_shapes
 from .losses.crosslayer import semckd_attention, semckd_loss
-from .losses.feature import align_spatial
 
 
 class QueryKeyEmbed(nn.Module):
@@ -26,7 +25,7 @@ class QueryKeyEmbed(nn.Module):
 
     def __init__(self, channels: int, dim: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(channels, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+        self.mlp = mlp(channels, 2 * dim, dim)
 
     def forward(self, f: Tensor) -> Tensor:
         return F.normalize(self.mlp(f.mean((-2, -1))), dim=-1)
@@ -35,12 +34,7 @@ class QueryKeyEmbed(nn.Module):
 def pair_regressor(c_in: int, c_out: int) -> nn.Sequential:
     """SemCKD's per-pair projector: conv1x1 (c_in -> 2 c_out) -> BN -> ReLU -> conv3x3 -> BN -> ReLU
     -> conv1x1 (-> c_out), no output BN/ReLU (the teacher target is any real-valued map)."""
-    mid = 2 * c_out
-    return nn.Sequential(
-        nn.Conv2d(c_in, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-        nn.Conv2d(mid, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
-        nn.Conv2d(mid, c_out, 1, bias=False),
-    )
+    return conv_projector(c_in, c_out, 2 * c_out, out_norm=False, out_act=False)
 
 
 @register_method("semckd")
@@ -71,8 +65,8 @@ class SemCKD(Distiller):
 
     def __init__(self, cfg: Config, student: nn.Module, info: BuildInfo):
         super().__init__(cfg, student, info)
-        self.s_names = feature_stages(student, "student")[1:]
-        self.t_names = feature_stages(self.teacher, "teacher")[1:]
+        self.s_names = stage_names(student, "student")[1:]
+        self.t_names = stage_names(self.teacher, "teacher")[1:]
         self.s_tap = FeatureTap(student, self.s_names)
         self.t_tap = FeatureTap(self.teacher, self.t_names)
 
@@ -94,8 +88,7 @@ class SemCKD(Distiller):
 
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         x, y = batch["x"], batch["y"]
-        with torch.no_grad():
-            t_logits = self.teacher(x)
+        t_logits = self.teacher_logits(x)
         t_feats = [self.t_tap[n] for n in self.t_names]
         logits = self.student(x)
         s_feats = [self.s_tap[n] for n in self.s_names]
@@ -105,9 +98,6 @@ class SemCKD(Distiller):
             proj.append([reg(s) for reg, (s, _) in zip(row, pairs)])
             target.append([t for _, t in pairs])
         sem = semckd_loss(proj, target, self.attention(s_feats, t_feats))
-        ce = F.cross_entropy(logits.float(), y)
-        kd = soft_kl(logits, t_logits, self.cfg.temperature)
         c = self.cfg
-        loss = c.ce_weight * ce + c.kd_weight * kd + c.beta * sem
-        acc = (logits.detach().argmax(1) == y).float().mean()
-        return {"loss": loss, "ce": ce, "kd": kd, "semckd": sem, "train_acc": acc}
+        return self.combine(logits, y, {"kd": soft_kl(logits, t_logits, c.temperature), "semckd": sem},
+                            {"kd": c.kd_weight, "semckd": c.beta})

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..methods import BuildInfo, StepContext, register_method
-from ..models import FeatureTap
-from ..nn import soft_kl
+from ..models import FeatureTap, prepool_names
+from ..nn import pool_to, soft_kl
 from .base import DistillConfig, Distiller
-from .connectors import bottleneck_projector, prepool_modules, probe_shapes
+from .connectors import bottleneck_projector, probe_shapes
 from .losses.crosslayer import simkd_loss
-from .losses.feature import pool_to
 
 
 class ReusedHeadNet(nn.Module):
@@ -63,8 +60,8 @@ class SimKD(Distiller):
 
     def __init__(self, cfg: Config, student: nn.Module, info: BuildInfo):
         super().__init__(cfg, student, info)
-        self.student_names = prepool_modules(student, "student")
-        self.teacher_names = prepool_modules(self.teacher, "teacher")
+        self.student_names = prepool_names(student, "student")
+        self.teacher_names = prepool_names(self.teacher, "teacher")
         # Not part of SimKD's student; frozen so optimizers and DDP do not expect gradients for it.
         student.fc.requires_grad_(False)
         self.t_tap = FeatureTap(self.teacher, self.teacher_names[-1])
@@ -75,9 +72,7 @@ class SimKD(Distiller):
 
     def _teacher_feature(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(teacher logits, teacher's last feature map), without gradients."""
-        with torch.no_grad():
-            logits = self.teacher(x)
-        return logits, self.t_tap[self.teacher_names[-1]]
+        return self.teacher_logits(x), self.t_tap[self.teacher_names[-1]]
 
     def setup(self, batch: dict[str, Tensor]) -> None:
         x = batch["x"]
@@ -101,10 +96,6 @@ class SimKD(Distiller):
         net = self._net
         h = net.features(x)
         logits = net.fc(net.pool(h))
-        feat = simkd_loss(h, pool_to(f_t, h.shape[-2:]))
-        ce = F.cross_entropy(logits.float(), y)
-        kd = soft_kl(logits, t_logits, self.cfg.temperature)
         c = self.cfg
-        loss = c.feat_weight * feat + c.ce_weight * ce + c.kd_weight * kd
-        acc = (logits.detach().argmax(1) == y).float().mean()
-        return {"loss": loss, "feat": feat, "ce": ce, "kd": kd, "train_acc": acc}
+        terms = {"feat": simkd_loss(h, pool_to(f_t, h.shape[-2:])), "kd": soft_kl(logits, t_logits, c.temperature)}
+        return self.combine(logits, y, terms, {"feat": c.feat_weight, "kd": c.kd_weight})

@@ -2,12 +2,14 @@
 
 ``create_model(name, num_classes, in_channels=3)`` builds any registered network; every zoo network
 names its stages ``stem``, ``layer1`` .. ``layerK`` (``stage_names``), then ``pool`` and ``fc``, and
-returns logits only. Features are taken with :class:`FeatureTap` (forward hooks by module name).
+returns logits only. Features are taken with :class:`FeatureTap` (forward hooks by module name);
+:mod:`mentor.models.stages` reads the stage names that methods tap, project or split.
 """
 
 from . import mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401  (importing registers the models)
 from .common import StagedNet
 from .registry import MODELS, create_model, list_models, model_info, register_model
+from .stages import StageError, last_map_name, prepool_names, stage_names
 from .tap import FeatureTap, final_activation, strip_taps
 
 __all__ = [
@@ -15,9 +17,13 @@ __all__ = [
     "FeatureTap",
     "strip_taps",
     "StagedNet",
+    "StageError",
     "create_model",
     "final_activation",
+    "last_map_name",
     "list_models",
     "model_info",
+    "prepool_names",
     "register_model",
+    "stage_names",
 ]

@@ -3,7 +3,8 @@
 Stateless functions on tensors, batch-mean, computed in float32 (bf16 features under autocast are
 upcast). The second argument is the teacher's side, the target: pass it without gradients (the
 methods run the teacher under ``torch.no_grad()``). Regressors and taps live in the methods
-(:mod:`mentor.distill.fitnet`, :mod:`mentor.distill.at`, :mod:`mentor.distill.rkd`).
+(:mod:`mentor.distill.fitnet`, :mod:`mentor.distill.at`, :mod:`mentor.distill.rkd`). The spatial
+alignment :func:`align_spatial` and :func:`pool_to` live in :mod:`mentor.nn.align` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,22 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...nn.align import align_spatial, pool_to
+
 __all__ = ["align_spatial", "at_loss", "attention_map", "hint_loss", "pool_to", "rkd_angle_loss", "rkd_distance_loss"]
-
-
-def align_spatial(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Two feature maps ``[B, C, H, W]`` at a common resolution: each side is adaptive-average-pooled
-    to the smaller height and the smaller width of the two (as SimKD, SemCKD and RepDistiller's AT
-    compare maps of different resolution); a map already at that size is returned as is."""
-    if a.dim() != 4 or b.dim() != 4:
-        raise ValueError(f"align_spatial: expected two [B, C, H, W] maps, got {tuple(a.shape)} and {tuple(b.shape)}")
-    size = (min(a.shape[-2], b.shape[-2]), min(a.shape[-1], b.shape[-1]))
-    return pool_to(a, size), pool_to(b, size)
-
-
-def pool_to(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """Average-pool a feature map to spatial ``size`` (unchanged when it already has it)."""
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
 
 
 def hint_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
