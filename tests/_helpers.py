@@ -1,5 +1,6 @@
 """Small models and methods the engine tests register (no BatchNorm, so per-rank batches add up)."""
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -118,3 +119,17 @@ if "test_item_step" not in METHODS:
         def training_step(self, batch, ctx):
             ce = F.cross_entropy(self.student(batch["x"]), batch["y"])
             return {"loss": ce * (2.0 if ce.item() > 100 else 1.0)}
+
+
+def ddp_worker(rank, world, port, out_dir, overrides, splits, result_path):
+    """One rank of a CPU (gloo) run of ``overrides`` on ``splits``; rank 0 saves its state and summary."""
+    from mentor.config import load_config
+    from mentor.engine import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = Trainer(load_config(None, [f"out_dir={out_dir}", *overrides]), splits=splits)
+    summary = trainer.fit()
+    if rank == 0:
+        torch.save({"state": trainer.method.state_dict(), "summary": summary}, result_path)

@@ -434,7 +434,10 @@ def test_float32_runs_and_sigmas_follow_x():
     x0 = (80.0 * torch.randn(4, 6, generator=torch.Generator().manual_seed(19))).float()
     for name in _solvers():
         out = SAMPLERS[name](lambda x, s, **c: den(x, s, **c), x0, polynomial(8))
-        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        assert out.dtype == torch.float32
+        # the same solve as in float64, up to float32 rounding
+        ref = SAMPLERS[name](den, x0.double(), polynomial(8))
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["dpm_solver_pp", "unipc"])

@@ -175,59 +175,92 @@ def test_eval_sigmas_are_lognormal_midquantiles():
 # training through the engine, loading, sampling
 
 
+def _edm_run(out, steps):
+    """A tiny U-Net trained by the digits EDM recipe for ``steps`` steps, evaluated three times."""
+    pytest.importorskip("sklearn")
+    every = steps // 3
+    cfg = load_config(RECIPE, [
+        f"out_dir={out}", *DIGITS, *TINY_UNET, f"trainer.max_steps={steps}", f"trainer.eval_every={every}",
+        f"trainer.ckpt_every={every}", f"trainer.log_every={every}", "trainer.ema=0.9", "schedule.warmup_steps=10",
+        "optim.lr=2e-3", "method.eval_sigmas=4"])
+    return out, train(cfg)
+
+
+SHORT_STEPS = 12
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory):
-    pytest.importorskip("sklearn")
-    out = tmp_path_factory.mktemp("edm") / "run"
-    cfg = load_config(RECIPE,
-                      [f"out_dir={out}", *DIGITS, *TINY_UNET, "trainer.max_steps=120", "trainer.eval_every=40",
-                       "trainer.ckpt_every=40", "trainer.log_every=40", "trainer.ema=0.9",
-                       "schedule.warmup_steps=10", "optim.lr=2e-3", "method.eval_sigmas=4"])
-    summary = train(cfg)
-    return out, summary
+    """A run directory in seconds (12 steps): for the tests of selection, loading and sampling."""
+    return _edm_run(tmp_path_factory.mktemp("edm") / "run", SHORT_STEPS)
 
 
-def test_edm_training_lowers_validation_loss(digits_run):
-    out, summary = digits_run
-    # best.pt follows the EMA copy (the network one samples from)
-    assert summary["select"] == "val_loss_ema"
-    for key in ("test_loss_last", "test_loss_best", "val_loss_ema_best", "test_loss_ema_last"):
-        assert math.isfinite(summary[key]), key
-    vals = {r["step"]: r["val_loss_ema"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+@pytest.fixture(scope="module")
+def trained_digits_run(tmp_path_factory):
+    return _edm_run(tmp_path_factory.mktemp("edm_trained") / "run", 120)
+
+
+def _val_losses(out):
+    return {r["step"]: r["val_loss_ema"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if r.get("split") == "val"}
-    assert len(vals) == 3
-    assert summary["val_loss_ema_best"] == min(vals.values())
-    assert summary["best_step"] == min(vals, key=vals.get)
-    if summary["best_step"] == 120:  # the selected weights at the last step are the EMA copy
-        assert summary["test_loss_best"] == summary["test_loss_ema_last"]
 
-    # The untrained network outputs F = 0, so D = c_skip x and the weighted loss has the closed form
-    # (s^2 E[y^2] / sd^2 + sd^2) / (s^2 + sd^2) per noise level s: the method's score must match it
-    # (up to the sampling error of the fixed noise), and training must beat it clearly.
-    from mentor.engine.evaluate import Evaluator
-    from mentor.engine.inputs import load_splits, stat_tensors
+
+def _untrained_closed_form(out):
+    """The validation loss of the untrained network by its closed form: it outputs F = 0, so D = c_skip x and
+    the weighted loss is (s^2 E[y^2] / sd^2 + sd^2) / (s^2 + sd^2) per noise level s."""
+    from mentor.engine.inputs import load_splits
 
     cfg = load_config(out / "config.yaml")
     splits = load_splits(cfg.data)
     fresh = EDM(cfg.method, create_model("edm_unet", num_classes=10, in_channels=1, **cfg.model.kwargs),
                 BuildInfo(in_channels=1, mean=splits.train.mean, std=splits.train.std))
-    mean, std = stat_tensors(splits.train, torch.device("cpu"))
-    untrained = fresh.score(fresh.deployable(), splits.val, Evaluator(mean, std, 200, torch.device("cpu")))["loss"]
     y2 = (splits.val.images.double() / 127.5 - 1).square().mean()
     s, sd = fresh.eval_sigma_values().double(), 0.5
-    closed = float(((s**2 * y2 / sd**2 + sd**2) / (s**2 + sd**2)).mean())
+    return float(((s**2 * y2 / sd**2 + sd**2) / (s**2 + sd**2)).mean()), cfg, splits, fresh
+
+
+def test_edm_run_selects_and_reports_the_ema_validation_loss(digits_run):
+    out, summary = digits_run
+    # best.pt follows the EMA copy (the network one samples from)
+    assert summary["select"] == "val_loss_ema"
+    for key in ("test_loss_last", "test_loss_best", "val_loss_ema_best", "test_loss_ema_last"):
+        assert math.isfinite(summary[key]), key
+    vals = _val_losses(out)
+    assert sorted(vals) == [4, 8, 12]
+    assert summary["val_loss_ema_best"] == min(vals.values())
+    assert summary["best_step"] == min(vals, key=vals.get)
+    if summary["best_step"] == SHORT_STEPS:  # the selected weights at the last step are the EMA copy
+        assert summary["test_loss_best"] == summary["test_loss_ema_last"]
+
+    # The method's score of the untrained network must match the closed form (up to the sampling error
+    # of the fixed noise), and a few steps of training already beat it.
+    from mentor.engine.evaluate import Evaluator
+    from mentor.engine.inputs import stat_tensors
+
+    closed, cfg, splits, fresh = _untrained_closed_form(out)
+    mean, std = stat_tensors(splits.train, torch.device("cpu"))
+    untrained = fresh.score(fresh.deployable(), splits.val, Evaluator(mean, std, 200, torch.device("cpu")))["loss"]
     assert untrained == pytest.approx(closed, rel=0.02)
+    assert vals[SHORT_STEPS] < closed
     # eval_images scores the first images only: the same number as scoring that subset
     capped = EDM(dataclasses.replace(cfg.method, eval_images=50), fresh.student.net, fresh.info)
     ev = Evaluator(mean, std, 200, torch.device("cpu"))
     first = splits.val.subset(torch.arange(50))
     assert capped.score(capped.deployable(), splits.val, ev)["loss"] == pytest.approx(
         fresh.score(fresh.deployable(), first, ev)["loss"], rel=1e-12)
-    assert vals[120] < vals[40] and vals[120] < 0.5 * closed
     # `mentor eval` reads best.pt and reports the same number as the run (fixed validation noise)
     from mentor.engine.run import evaluate_run
 
     assert evaluate_run(out, device="cpu")["val_loss"] == pytest.approx(summary["val_loss_ema_best"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_edm_training_lowers_validation_loss(trained_digits_run):
+    out, summary = trained_digits_run
+    vals = _val_losses(out)
+    assert sorted(vals) == [40, 80, 120] and summary["val_loss_ema_best"] == min(vals.values())
+    closed = _untrained_closed_form(out)[0]
+    assert vals[120] < vals[40] and vals[120] < 0.5 * closed, (vals, closed)
 
 
 def test_load_edm_reads_ema_weights(digits_run):
@@ -246,7 +279,7 @@ def test_load_edm_reads_ema_weights(digits_run):
     # a checkpoint file works too: last.pt keeps the EMA wrapper's state ("module." keys)
     last, info_last = load_edm(out / "last.pt", device="cpu")
     ema_last = torch.load(out / "last.pt", weights_only=True)["ema"]
-    assert info_last["ema"] and info_last["step"] == 120
+    assert info_last["ema"] and info_last["step"] == SHORT_STEPS
     for k, v in last.state_dict().items():
         torch.testing.assert_close(v, ema_last[f"module.{k}"])
 

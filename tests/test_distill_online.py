@@ -207,8 +207,6 @@ def test_every_parameter_learns_and_the_loss_is_the_documented_sum(method):
 
 HEADS = {"dml": ["peer0", "peer1"], "okddip": ["peer0", "peer1", "peer2", "leader", "ensemble"],
          "mbd": ["branch0", "branch1", "branch2", "fused"]}
-# Shorter than distill_overrides' 40 steps: 6 steps, then resume to 12; every head reads val and test.
-SHORT = ["data.val_size=200", "trainer.log_every=3", "trainer.eval_every=6", "trainer.ckpt_every=6"]
 _SPLITS = {}
 
 
@@ -223,36 +221,59 @@ def _splits(cfg):
     return _SPLITS[key]
 
 
-@needs_fmnist
-@pytest.mark.parametrize("method", sorted(HEADS))
-def test_trains_saves_resumes_and_reports_every_peer(method, distill_overrides):
+def _train_and_resume(method, overrides, steps, splits=None):
+    """``steps`` steps, then the same recipe resumed to ``2 * steps``, logging every ``steps // 2`` steps and
+    evaluating every ``steps``. Checks the run and returns (trainer, summary)."""
+    from conftest import split_accuracy
+
     from mentor.config import load_config
     from mentor.distill import load_teacher
     from mentor.engine import Trainer
 
-    def run(steps):
-        cfg = load_config(None, [*distill_overrides, *SHORT, f"method.name={method}", f"trainer.max_steps={steps}"])
-        trainer = Trainer(cfg, splits=_splits(cfg))
-        return cfg, trainer, trainer.fit()
+    def run(n):
+        cfg = load_config(None, [*overrides, f"method.name={method}", f"trainer.max_steps={n}",
+                                 f"trainer.log_every={steps // 2}", f"trainer.eval_every={steps}",
+                                 f"trainer.ckpt_every={steps}"])
+        trainer = Trainer(cfg, splits=splits or _splits(cfg))
+        return trainer, trainer.fit()
 
-    run(6)
-    cfg, trainer, summary = run(12)
-    assert trainer.start_step == 6  # resumed from the step-6 checkpoint
-    out = trainer.run_dir
+    run(steps)
+    trainer, summary = run(2 * steps)
+    assert trainer.start_step == steps  # resumed from the checkpoint
+    out, sp = trainer.run_dir, trainer.splits
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["split"] == "train"]
     assert len(losses) == 4 and sum(losses[:2]) > sum(losses[2:]), losses
     val = [r for r in records if r["split"] == "val"]
-    assert [r["step"] for r in val] == [6, 12]
-    for name in HEADS[method]:
-        assert all(0.0 <= r[f"val_acc_{name}"] <= 1.0 for r in val), name
-        assert 0.0 <= summary[f"test_acc_last_{name}"] <= 1.0, name
-    assert 0.0 <= summary["test_acc_last"] <= 1.0
-    assert json.loads((out / "summary.json").read_text())["test_acc_last"] == summary["test_acc_last"]
+    assert [r["step"] for r in val] == [steps, 2 * steps]
+    # every head is evaluated as itself: the numbers reported for it are its accuracy, computed here
+    heads = trainer.method.eval_heads()
+    assert sorted(heads) == sorted(HEADS[method])
+    tol = {"abs": 1 / len(sp.test) + 1e-9}
+    for name, net in heads.items():
+        assert val[-1][f"val_acc_{name}"] == pytest.approx(split_accuracy(net, sp.val, sp.train),
+                                                           abs=1 / len(sp.val) + 1e-9), name
+        assert summary[f"test_acc_last_{name}"] == pytest.approx(split_accuracy(net, sp.test, sp.train), **tol), name
     shipped = trainer.method.deployable()
     assert shipped is trainer.method.student
+    assert summary["test_acc_last"] == pytest.approx(split_accuracy(shipped, sp.test, sp.train), **tol)
+    assert json.loads((out / "summary.json").read_text())["test_acc_last"] == summary["test_acc_last"]
     resnet8 = create_model("resnet8", 10, 1)
     assert summary["params"] == sum(p.numel() for p in resnet8.parameters())
     # The shipped branch is an ordinary resnet8: the run directory serves as a teacher.
     teacher = load_teacher(out, trainer.method.info)
     assert teacher.state_dict().keys() == resnet8.state_dict().keys()
+    return trainer, summary
+
+
+@pytest.mark.parametrize("method", sorted(HEADS))
+def test_trains_saves_resumes_and_reports_every_peer_on_tiny_data(method, distill_overrides, fmnist_tiny):
+    _train_and_resume(method, [*distill_overrides, "data.batch_size=32"], 4, fmnist_tiny)
+
+
+@pytest.mark.slow
+@needs_fmnist
+@pytest.mark.parametrize("method", sorted(HEADS))
+def test_trains_saves_resumes_and_reports_every_peer(method, distill_overrides):
+    _, summary = _train_and_resume(method, [*distill_overrides, "data.val_size=200"], 20)
+    assert summary["test_acc_last"] > 0.4, summary["test_acc_last"]  # chance is 0.1

@@ -44,7 +44,7 @@ def test_streamed_equals_in_memory(tree, tmp_path):
     streamed = train(cfg(tree, tmp_path / "stream", "data.stream=true", "data.num_workers=1"))
     assert losses(tmp_path / "mem") == pytest.approx(losses(tmp_path / "stream"), rel=1e-4)
     assert mem["test_acc_last"] == pytest.approx(streamed["test_acc_last"], abs=1 / 30 + 1e-9)
-    assert 0.0 <= streamed["test_acc_last"] <= 1.0
+    assert streamed["test_acc_last"] > 0.8  # the bar's colour is the class: 8 steps learn it (chance 1/3)
 
 
 def test_streamed_run_resumes(tree, tmp_path):
