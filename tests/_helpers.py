@@ -133,3 +133,28 @@ def ddp_worker(rank, world, port, out_dir, overrides, splits, result_path):
     summary = trainer.fit()
     if rank == 0:
         torch.save({"state": trainer.method.state_dict(), "summary": summary}, result_path)
+
+
+def fit_until_signal(trainer, after_step: int) -> None:
+    """Run ``trainer.fit()`` and send SIGINT after step ``after_step``: the real signal path, so the loop
+    saves ``last.pt`` at step ``after_step + 1`` and stops with KeyboardInterrupt."""
+    import os
+    import signal
+
+    import pytest
+
+    from mentor.engine import Trainer
+
+    original = Trainer._train_step
+
+    def stop(self, step):
+        original(self, step)
+        if step == after_step:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    Trainer._train_step = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    finally:
+        Trainer._train_step = original

@@ -1,13 +1,12 @@
 """Inputs a method declares, the engine produces: few labels and an unlabelled pool, per-domain batches
 with held-out domains reported one by one, no data at all, and a network started from a trained run."""
 
-import os
-import signal
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import fit_until_signal
 from test_roles import BNNet  # noqa: F401  (registers test_bncnn)
 from torch import nn
 
@@ -239,20 +238,7 @@ def test_training_with_no_data_resumes_exactly(tmp_path, digits_teacher):
     straight = Trainer(make("a"))
     assert straight.splits.train is None and len(straight.splits.val) == 200  # real data for reporting only
     straight.fit()
-    first = Trainer(make("b"))
-    original = Trainer._train_step
-
-    def stop(self, step):
-        original(self, step)
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    Trainer._train_step = stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            first.fit()
-    finally:
-        Trainer._train_step = original
+    fit_until_signal(Trainer(make("b")), after_step=3)
     second = Trainer(make("b"))
     second.fit()
     assert second.start_step == 4

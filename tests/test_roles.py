@@ -1,13 +1,12 @@
 """Roles are declared: EMA teachers are trained state (checkpointed, resumed bitwise), frozen
 teachers are not, and an undeclared frozen child is kept like any other trained part."""
 
-import os
-import signal
 from dataclasses import dataclass
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import fit_until_signal
 from torch import nn
 
 from mentor.config import load_config
@@ -73,20 +72,7 @@ def test_ema_teacher_is_checkpointed_and_resume_is_bitwise(tmp_path):
     assert "frozen_extra.weight" in saved  # an undeclared frozen child is not mistaken for a teacher
 
     resumed_cfg = cfg_for(tmp_path, "c")
-    part = Trainer(resumed_cfg)
-    original = Trainer._train_step
-
-    def stop_after(self, step):
-        original(self, step)
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)  # the real signal path: the loop saves before step 3
-
-    Trainer._train_step = stop_after
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            part.fit()
-    finally:
-        Trainer._train_step = original
+    fit_until_signal(Trainer(resumed_cfg), after_step=2)
     assert torch.load(tmp_path / "c" / "last.pt", weights_only=True)["step"] == 3
     second = Trainer(resumed_cfg)
     assert second.start_step == 0  # not yet loaded: fit() loads
