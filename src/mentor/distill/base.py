@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError
 from ..methods import BuildInfo, Method, MethodConfig
+from ..nn import train_accuracy as train_accuracy
 from .teacher import load_teacher
 
 
@@ -29,11 +30,6 @@ class MultiTeacherConfig(MethodConfig):
 
     teachers: list[str] = field(default_factory=list)
     ce_weight: float = 1.0
-
-
-def train_accuracy(logits: Tensor, y: Tensor) -> Tensor:
-    """The top-1 accuracy of a training batch (a logged number, no gradient)."""
-    return (logits.detach().argmax(1) == y).float().mean()
 
 
 class DistillerBase(Method):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..nn import train_accuracy
 from .base import Method, MethodConfig, StepContext, register_method
 
 
@@ -22,5 +23,4 @@ class Supervised(Method):
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         logits = self.student(batch["x"])
         loss = F.cross_entropy(logits, batch["y"], label_smoothing=self.cfg.label_smoothing)
-        acc = (logits.detach().argmax(1) == batch["y"]).float().mean()
-        return {"loss": loss, "train_acc": acc}
+        return {"loss": loss, "train_acc": train_accuracy(logits, batch["y"])}

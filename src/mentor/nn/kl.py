@@ -40,3 +40,8 @@ def entropy(logits: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 __all__ = ["entropy", "kl_div", "soft_kl"]
+
+
+def train_accuracy(logits: Tensor, y: Tensor) -> Tensor:
+    """Top-1 accuracy of a training batch as a 0-d tensor (a logged number, no gradient, no host sync)."""
+    return (logits.detach().argmax(1) == y).float().mean()
