@@ -61,6 +61,15 @@ if "test_entropy_tta" not in METHODS:
             return {"logits": logits.detach(), "loss": ent, "entropy": ent.detach()}
 
 
+if "test_episodic_tta" not in METHODS:
+
+    @register_method("test_episodic_tta")
+    class EpisodicEntropyTTA(EntropyTTA):
+        """The same method reset to the source before every batch."""
+
+        episodic = True
+
+
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("source") / "run"
@@ -133,6 +142,16 @@ def test_reset_and_continual_differ_only_by_the_carried_state(tmp_path, source_r
                   build_adapt_config(["method.name=test_entropy_tta", f"out_dir={tmp_path / 'alone'}",
                                       "data.batch_size=50"]))
     assert alone["acc@inverted"] == reset["acc@inverted"]
+
+
+def test_an_episodic_method_predicts_every_batch_from_the_source_state(tmp_path, source_run):
+    # Its predictions are made before its update, from the source weights with test-batch statistics
+    # on every batch: exactly what `norm` predicts, in both settings.
+    norm = _run(tmp_path, source_run, "norm")
+    for setting in ("reset", "continual"):
+        episodic = _run(tmp_path, source_run, "test_episodic_tta", setting)
+        assert [episodic[f"acc@{n}"] for n in ("clean", "dark", "inverted")] == \
+               [norm[f"acc@{n}"] for n in ("clean", "dark", "inverted")]
 
 
 @pytest.mark.parametrize("shift,setting,method,words", [
