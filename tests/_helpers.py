@@ -34,8 +34,22 @@ class FixedMLP(nn.Module):
         return self.fc(torch.tanh(self.layer1(x.flatten(1))))
 
 
-if "test_mlp" not in MODELS:
-    register_model("test_mlp")(lambda num_classes, in_channels=1, **kw: FixedMLP(num_classes, in_channels, **kw))
+class BNNet(nn.Module):
+    """A small conv net with BatchNorm (running statistics are buffers an EMA copy or test-time BN uses)."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1))
+
+
+for _name, _net in (("test_mlp", FixedMLP), ("test_bncnn", BNNet)):
+    if _name not in MODELS:
+        register_model(_name)(lambda num_classes, in_channels=1, _net=_net, **kw: _net(num_classes, in_channels, **kw))
 
 if "test_nan_at" not in METHODS:
 

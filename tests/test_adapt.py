@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from test_roles import BNNet  # noqa: F401  (registers test_bncnn)
+from _helpers import BNNet  # noqa: F401  (registers test_bncnn)
 
 import mentor.adapt.base as tta
 from mentor.cli import main

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import fit_until_signal
-from test_roles import BNNet  # noqa: F401  (registers test_bncnn)
+from _helpers import (
+    BNNet,  # noqa: F401  (registers test_bncnn)
+    fit_until_signal,
+)
 from torch import nn
 
 from mentor.config import ConfigError, load_config

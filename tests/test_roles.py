@@ -6,32 +6,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import fit_until_signal
+from _helpers import BNNet, fit_until_signal
 from torch import nn
 
 from mentor.config import load_config
 from mentor.engine import Trainer
 from mentor.methods import METHODS, BuildInfo, Method, MethodConfig, register_method
-from mentor.models import MODELS, register_model
 
 pytest.importorskip("sklearn")
 
-
-class BNNet(nn.Module):
-    """A small conv net with BatchNorm (running statistics are buffers an EMA copy must follow)."""
-
-    def __init__(self, num_classes: int, in_channels: int = 1):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(F.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1))
-
-
-if "test_bncnn" not in MODELS:
-    register_model("test_bncnn")(lambda num_classes, in_channels=1, **kw: BNNet(num_classes, in_channels))
 
 if "test_mean_teacher" not in METHODS:
 
