@@ -67,6 +67,27 @@ if "test_nan_at" not in METHODS:
             return {"loss": ce + aux, "ce": ce, "aux": aux}
 
 
+if "test_poison_at" not in METHODS:
+
+    @register_method("test_poison_at")
+    class PoisonAt(Method):
+        """Cross-entropy whose step ``step`` ends by writing inf into one weight: the loss of that step is
+        finite, the weights are not (the engine's check of the trained state must see it)."""
+
+        @dataclass
+        class Config(MethodConfig):
+            step: int = 3
+
+        def training_step(self, batch, ctx):
+            return {"loss": F.cross_entropy(self.student(batch["x"]), batch["y"])}
+
+        def after_step(self, ctx):
+            super().after_step(ctx)
+            if ctx.step == self.cfg.step:
+                with torch.no_grad():
+                    next(self.student.parameters()).view(-1)[0] = float("inf")
+
+
 if "test_two_phase" not in METHODS:
     from mentor.methods import Phase
 

@@ -107,7 +107,7 @@ def test_nan_loss_stops_naming_step_and_term(tmp_path):
 
 def test_resume_refuses_a_different_model(tmp_path):
     train(digits_cfg(tmp_path, "trainer.max_steps=4"))
-    with pytest.raises(CheckpointMismatchError, match="'model'"):
+    with pytest.raises(CheckpointMismatchError, match="model.name: 'resnet8' -> 'resnet14'"):
         Trainer(digits_cfg(tmp_path, "trainer.max_steps=8", "model.name=resnet14")).fit()
 
 

@@ -20,7 +20,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
 
     cfg = load_config(args.recipe, args.overrides)
-    summary = train(cfg)
+    summary = train(cfg, force=args.force)
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary, indent=2))
     return 0
@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe: mentor train RECIPE [key.sub=value ...]")
     t.add_argument("recipe", help="a recipe YAML file, e.g. recipes/supervised/fmnist_resnet20.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.max_steps=100 optim.lr=0.1")
+    t.add_argument("--force", action="store_true", help="discard what out_dir holds (checkpoints, metrics, "
+                   "summary) and train from scratch; without it a finished run is left as it is and an "
+                   "interrupted one resumes")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run directory or checkpoint on validation and test data")

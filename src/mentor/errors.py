@@ -28,12 +28,17 @@ class CheckpointError(MentorError, RuntimeError):
     """A checkpoint file cannot be read (missing, truncated, not a mentor checkpoint)."""
 
 
-class CheckpointMismatchError(MentorError, RuntimeError):
-    """The run directory holds a checkpoint of a different method/model/data than the recipe asks."""
+class CheckpointMismatchError(ConfigError):
+    """The run directory holds a run of another recipe than the one given (the message lists the keys)."""
+
+
+class RunDirError(MentorError):
+    """The run directory cannot be used: not writable, or in use by another process."""
 
 
 class NonFiniteLossError(MentorError, RuntimeError):
-    """A loss term became NaN or infinite."""
+    """A loss term, or a value of the trained state (parameters, buffers, optimizer state), became NaN or
+    infinite; nothing non-finite was written."""
 
 
 class TeacherError(MentorError, ValueError):

@@ -180,9 +180,9 @@ def load_edm(run_dir: str | Path, ema: bool = True, device: str = "auto") -> tup
         weights = state["ema"]
         if all(k.startswith("module.") for k in weights):
             weights = {k[len("module."):]: v for k, v in weights.items()}
-        denoiser.load_state_dict(weights)
+        ckpt.load_weights(denoiser, weights, file, "the EDM denoiser")
     elif "model" in state:  # the raw weights (load_run gives best.pt's EMA copy to a run selected on it)
-        denoiser.load_state_dict(state["model"])
+        ckpt.load_weights(denoiser, state["model"], file, "the EDM denoiser")
     denoiser.eval().requires_grad_(False)
     c, h, w = splits.train.image_shape
     info = {"image_shape": (c, h, w), "num_classes": method.info.num_classes,

@@ -29,8 +29,9 @@ def load_teacher(path: str | Path, student: BuildInfo) -> nn.Module:
                 f"student's data has {getattr(student, key)}: distil on the data the teacher was trained for")
     net = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"],
                        **info.get("kwargs", {}))
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise TeacherError(f"{file} does not fit {info['model']}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    try:
+        ckpt.load_weights(net, weights, file, f"the teacher network {info['model']}")
+    except ckpt.CheckpointError as e:
+        raise TeacherError(str(e)) from None
     net.requires_grad_(False)
     return net.eval()

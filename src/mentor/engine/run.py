@@ -15,15 +15,8 @@ from .trainer import autocast_for, build_method, resolve_device, source_splits
 
 def _locate(path: str | Path) -> tuple[Path, Path]:
     """(run directory, checkpoint file) from either of them."""
-    p = Path(path)
-    if p.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (p / name).is_file():
-                return p, p / name
-        raise ckpt.CheckpointError(f"{p} holds no best.pt or last.pt: is it a run directory of `mentor train`?")
-    if p.is_file():
-        return p.parent, p
-    raise ckpt.CheckpointError(f"{p} is neither a run directory nor a checkpoint file")
+    file = ckpt.find_checkpoint(path, "run")
+    return file.parent, file
 
 
 def load_run(path: str | Path, device: str = "auto"):
@@ -44,11 +37,12 @@ def load_run(path: str | Path, device: str = "auto"):
     method.to(dev)
     state = ckpt.load(file, map_location=dev)
     if "method" in state:
-        method.load_trained_state(state["method"])
+        method.load_trained_state(state["method"], str(file))
     elif "model" in state:
         # best.pt: the weights the run selected on (its EMA copy for a method that selects on "<key>_ema")
         use_ema = type(method).select[0].endswith("_ema") and state.get("ema") is not None
-        method.deployable().load_state_dict(state["ema"] if use_ema else state["model"])
+        ckpt.load_weights(method.deployable(), state["ema"] if use_ema else state["model"], file,
+                          f"the network of {cfg.method.name} ({cfg.model.name})")
     else:
         raise ckpt.CheckpointError(f"{file} holds neither 'method' nor 'model' weights")
     method.eval()

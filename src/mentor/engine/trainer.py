@@ -13,6 +13,7 @@ import contextlib
 import copy
 import json
 import math
+import os
 import platform
 import signal
 import threading
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, RunConfig, dump_config, to_dict
 from ..errors import CheckpointMismatchError
+from .rundir import RunDir
 from ..methods import METHODS, BuildInfo, Method, StepContext
 from ..methods.base import Refresh
 from ..models import create_model, strip_taps
@@ -94,13 +96,10 @@ def init_network(net: nn.Module, path: str, info: BuildInfo, model: str) -> None
             raise ConfigError(f"model.init_from={path}: {file} holds a network with {src[key]} {what} but this "
                               f"run's data has {getattr(info, key)}; start from a run trained on matching data")
     try:
-        missing, unexpected = net.load_state_dict(weights, strict=False)
-        problem = f"missing {missing[:3]}, unexpected {unexpected[:3]}" if missing or unexpected else ""
-    except RuntimeError as e:  # shapes that differ
-        problem = str(e).splitlines()[-1].strip()
-    if problem:
-        raise ConfigError(f"model.init_from={path}: {file} holds a {src['model']} network, which does not fit "
-                          f"model.name={model} ({problem}); use the same model.name as that run")
+        ckpt.load_weights(net, weights, file, f"model.name={model}")
+    except ckpt.CheckpointError as e:
+        raise ConfigError(f"model.init_from={path}: {file} holds a {src['model']} network: {e}; use the same "
+                          "model.name as that run") from None
 
 
 def build_method(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> Method:
@@ -127,10 +126,6 @@ def source_splits(cfg: RunConfig, method_cls: type[Method]) -> Splits:
     except ckpt.CheckpointError as e:
         raise ConfigError(str(e)) from None
     return data_free_splits(cfg.data, info)
-
-
-# The parts of a recipe that must match for a checkpoint to be resumed.
-_IDENTITY = ("method", "model", "data")
 
 
 class Trainer:
@@ -162,6 +157,11 @@ class Trainer:
         self.method.setup(self._method_batch(self.inputs(0))[0])
         self.method.to(self.device)  # connectors created by setup()
         torch.manual_seed(t.seed + self.dist.rank)
+        if t.sync_bn and self.dist.enabled:
+            from ..nn.syncbn import convert_sync_bn
+
+            # BatchNorm statistics over the global batch; frozen teachers keep their running statistics.
+            convert_sync_bn(self.method, skip=set(self.method.frozen_modules()))
 
         self.phases = self.method.phases()
         if t.cuda_graph:
@@ -189,7 +189,10 @@ class Trainer:
         self.select_ema = metric.endswith("_ema") and self.ema is not None
         self.metric = metric if self.select_ema or not metric.endswith("_ema") else metric[: -len("_ema")]
         self.best = {"value": None, "step": -1}
+        self.last_val: dict[str, float] = {}
         self.history_wall = 0.0
+        self.train_seconds, self.train_images = 0.0, 0
+        self.saved_step: int | None = None  # the step of last.pt on disk (written or resumed from)
         self.meter = Meter(self.dist, prefix_phases=len(self.phases) > 1)
         self._checked: set[str] = set()
 
@@ -221,7 +224,9 @@ class Trainer:
             "rng": ckpt.rng_state(),
             "meter": self.meter.state_dict(),
             "best": dict(self.best),
+            "last_val": dict(self.last_val),
             "wall": self.history_wall + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
+            "throughput": {"seconds": self.train_seconds, "images": self.train_images},
             "config": to_dict(self.cfg),
             "info": self.network_info(),
         }
@@ -236,44 +241,78 @@ class Trainer:
                 "classes": list(self.splits.reference.classes)}
 
     def save(self, step: int) -> None:
+        """``last.pt`` at ``step``, after checking on the device that every loss term, parameter, buffer and
+        optimizer state is finite (one read for all of them)."""
         self._check_finite()
+        state = self.state_dict(step)
+        self._check_state_finite({k: state[k] for k in ("method", "optimizers", "ema")}, step)
         if self.is_main:
-            ckpt.atomic_save(self.state_dict(step), self.run_dir / "last.pt")
+            ckpt.atomic_save(state, self.run_dir / "last.pt")
+        self.saved_step = step
         barrier(self.dist)
-
-    def _check_identity(self, saved: dict[str, Any], path: Path) -> None:
-        now = to_dict(self.cfg)
-        for key in _IDENTITY:
-            if saved.get(key) != now[key]:
-                raise CheckpointMismatchError(
-                    f"{path} was written by a run with a different {key!r} ({saved.get(key)} vs "
-                    f"{now[key]}). Use another out_dir, delete the run directory, or set resume=false.")
 
     def load(self, path: Path) -> None:
         state = ckpt.load(path, map_location=self.device)
-        self._check_identity(state.get("config", {}), path)
-        self.method.load_trained_state(state["method"])
-        for o, s in zip(self.optimizers, state["optimizers"]):
-            o.load_state_dict(s)
+        ckpt.require(state, ("step", "method", "optimizers", "schedulers", "rng", "meter", "best"), path)
+        if "config" in state:
+            RunDir(self.run_dir).check_recipe(self.cfg, state["config"], where=f"the recipe saved in {path.name}")
+        self.method.load_trained_state(state["method"], str(path))
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise CheckpointMismatchError(f"{path} holds {len(state['optimizers'])} optimizer state(s) but method "
+                                          f"{self.cfg.method.name} trains {len(self.optimizers)} phase(s); use "
+                                          "another out_dir or --force")
+        for i, (o, s) in enumerate(zip(self.optimizers, state["optimizers"])):
+            try:
+                o.load_state_dict(s)
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise CheckpointMismatchError(f"{path}: the optimizer state of phase {self.phases[i].name!r} does "
+                                              f"not fit ({e}); use another out_dir or --force") from None
+        saved_lr = [float(o.param_groups[0]["lr"]) for o in self.optimizers]
         for sch, s in zip(self.schedulers, state["schedulers"]):
             sch.load_state_dict(s)
         if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
+            ckpt.load_weights(self.ema, state["ema"], path, "the EMA copy")
         ckpt.set_rng_state(state["rng"])
         self.meter.load_state_dict(state["meter"])
         self.best = state["best"]
+        self.last_val = dict(state.get("last_val", {}))
         self.history_wall = state["wall"]
-        self.start_step = state["step"]
+        through = state.get("throughput", {})
+        self.train_seconds, self.train_images = through.get("seconds", 0.0), through.get("images", 0)
+        self.start_step = self.saved_step = state["step"]
+        before = state.get("config", {}).get("trainer", {}).get("max_steps", self.cfg.trainer.max_steps)
+        if before != self.cfg.trainer.max_steps and self.is_main:
+            now_lr = float(self.optimizers[0].param_groups[0]["lr"])
+            log.warning(
+                f"trainer.max_steps {before} -> {self.cfg.trainer.max_steps}: the {self.cfg.schedule.name} schedule "
+                f"(with warm-up, milestones given as fractions) is now laid over {self.cfg.trainer.max_steps} steps, "
+                f"so the learning rate at step {self.start_step} becomes {now_lr:.4g} (the saved run ended at "
+                f"{saved_lr[0]:.4g}); the result is not the run a recipe with max_steps={self.cfg.trainer.max_steps} "
+                "would train from scratch")
 
     def _check_finite(self) -> None:
         bad = self.meter.first_nonfinite()
         if bad is not None:
             name, step = bad
-            last = self.run_dir / "last.pt"
-            where = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint was written"
             raise NonFiniteLossError(
-                f"loss term {name!r} became NaN/inf at step {step} ({where}). Lower optim.lr, "
-                f"set trainer.clip_grad, or check the data and the method's hyper-parameters.")
+                f"loss term {name!r} became NaN/inf at step {step}; {self._last_good()}. Lower optim.lr, set "
+                "trainer.clip_grad, or check the data and the method's hyper-parameters, then train again (another "
+                "out_dir, or --force).")
+
+    def _check_state_finite(self, state: dict[str, Any], step: int) -> None:
+        bad = ckpt.nonfinite(state)
+        if bad:
+            raise NonFiniteLossError(
+                f"the trained state became non-finite by step {step}: NaN/inf in {ckpt.describe(bad)}; "
+                f"{self._last_good()}. Lower optim.lr, set trainer.clip_grad, or check the method's "
+                "hyper-parameters, then train again (another out_dir, or --force).")
+
+    def _last_good(self) -> str:
+        """Where the last checkpoint is: every file this engine writes or resumes from holds finite values."""
+        if self.saved_step is None:
+            return "no checkpoint was written"
+        return f"nothing was saved after step {self.saved_step}: {self.run_dir / 'last.pt'} (step " \
+               f"{self.saved_step}) is the last checkpoint and holds finite values"
 
     def _read_meter(self) -> dict[str, float]:
         self._check_finite()
@@ -326,11 +365,12 @@ class Trainer:
         logger.eval(step, vals)
         value = vals[f"val_{self.metric}"]
         if self._better(value):
+            best = {"step": step, "model": self.method.deployable().state_dict(),
+                    "ema": self.ema.module.state_dict() if self.ema else None, "info": self.network_info()}
+            self._check_state_finite({"model": best["model"], "ema": best["ema"]}, step)
             self.best = {"value": value, "step": step}
             if self.is_main:
-                ckpt.atomic_save({"step": step, "model": self.method.deployable().state_dict(),
-                                  "ema": self.ema.module.state_dict() if self.ema else None,
-                                  "info": self.network_info()}, self.run_dir / "best.pt")
+                ckpt.atomic_save(best, self.run_dir / "best.pt")
         self.last_val = vals
 
     # -- the loop --------------------------------------------------------------------------------
@@ -391,23 +431,48 @@ class Trainer:
         for sched in self.schedulers:
             sched.step()
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, force: bool = False) -> dict[str, Any]:
+        """Train to ``trainer.max_steps``: from scratch, or resuming the run in ``out_dir`` (the same recipe),
+        or nothing when that run has finished (its summary is returned). ``force`` (or ``resume: false``)
+        discards what ``out_dir`` holds and starts over. Holds the directory's lock throughout."""
+        rundir = RunDir(self.run_dir)
+        try:
+            with rundir.locked(self.is_main):
+                barrier(self.dist)
+                return self._fit(rundir, force or not self.cfg.resume)
+        finally:
+            shutdown(self.dist)
+
+    def _prior(self, rundir: RunDir, force: bool) -> tuple[str, dict[str, Any] | None]:
+        """What ``out_dir`` holds for this recipe: ("fresh"|"resume"|"finished", summary)."""
+        if force:
+            return "fresh", None
+        summary = rundir.finished(self.cfg, say=self.is_main)
+        if summary is not None:
+            return "finished", summary
+        return ("resume" if (self.run_dir / "last.pt").exists() else "fresh"), None
+
+    def _fit(self, rundir: RunDir, force: bool) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.trainer
         last = self.run_dir / "last.pt"
-        if cfg.resume and last.exists():
+        state, summary = self._prior(rundir, force)
+        barrier(self.dist)  # every rank has looked before rank 0 changes anything
+        if state == "finished":
+            return summary
+        if state == "fresh" and self.is_main:
+            rundir.start(cfg)
+        barrier(self.dist)
+        if state == "resume":
             self.load(last)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
             truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
-            if self.start_step:
-                log.info(f"resuming {self.run_dir} at step {self.start_step}")
+            log.info(f"resuming {self.run_dir} at step {self.start_step}" if self.start_step
+                     else f"training into {self.run_dir}")
         logger = RunLogger(self.run_dir, t.max_steps, self.start_step, self.is_main, t.progress)
         global_batch = cfg.data.batch_size * self.dist.world_size * t.accumulate
         self.method.train()
         self._t0 = time.perf_counter()
-        train_time, t_mark, steps_mark = 0.0, time.perf_counter(), self.start_step
-        self.last_val: dict[str, float] = {}
+        t_mark, steps_mark = time.perf_counter(), self.start_step
         with _StopOnSignal() as stop:
             for step in range(self.start_step, t.max_steps):
                 if stop.requested:
@@ -427,7 +492,8 @@ class Trainer:
                 if boundary or do_eval or do_ckpt:
                     values = self._read_meter() if boundary else {}  # synchronises the device
                     now = time.perf_counter()
-                    train_time += now - t_mark
+                    self.train_seconds += now - t_mark
+                    self.train_images += (done - steps_mark) * global_batch
                     if boundary:
                         rate = (done - steps_mark) * global_batch / max(now - t_mark, 1e-9)
                         eta = (t.max_steps - done) * global_batch / max(rate, 1e-9)
@@ -438,15 +504,17 @@ class Trainer:
                     if do_ckpt:
                         self.save(done)
                     t_mark, steps_mark = time.perf_counter(), done
-        logger.close()
-        images = (t.max_steps - self.start_step) * global_batch
-        summary = self._summary(train_time, images)
-        if self.is_main:
-            ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-        shutdown(self.dist)
+            logger.close()
+            # From here a signal stops at once: last.pt holds the final step, the same command writes the summary.
+            stop.immediate = True
+            if stop.requested:
+                raise KeyboardInterrupt
+            summary = self._summary()
+            if self.is_main:
+                ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 
-    def _summary(self, train_time: float, images: int) -> dict[str, Any]:
+    def _summary(self) -> dict[str, Any]:
         """Last-step and best-val-step numbers; the test set is read once per reported checkpoint."""
         self.method.eval()
         out: dict[str, Any] = {
@@ -457,8 +525,8 @@ class Trainer:
             "trainable_params": sum(p.numel() for p in self.method.parameters() if p.requires_grad),
             "steps": self.cfg.trainer.max_steps,
             "select": f"val_{self.metric}",
-            f"val_{self.metric}_last": self.last_val.get(f"val_{self.metric}", float("nan")),
-            f"val_{self.metric}_best": self.best["value"] if self.best["value"] is not None else float("nan"),
+            f"val_{self.metric}_last": self.last_val.get(f"val_{self.metric}"),
+            f"val_{self.metric}_best": self.best["value"],
             "best_step": self.best["step"],
         }
         out.update(self._score_tests(self.method.deployable(), "_last"))
@@ -483,7 +551,8 @@ class Trainer:
             net.eval()
             out.update(self._score_tests(net, "_best"))
         out["wall_s"] = self.history_wall + (time.perf_counter() - self._t0)
-        out["train_img_s"] = images / train_time if train_time > 0 else float("nan")
+        # over every session of the run (a resume that trains nothing reports the earlier sessions' rate)
+        out["train_img_s"] = self.train_images / self.train_seconds if self.train_seconds > 0 else None
         out["device"] = hardware_name(self.device)
         out["threads"] = torch.get_num_threads()
         out["torch"] = str(torch.__version__)
@@ -497,10 +566,12 @@ class Trainer:
 
 
 class _StopOnSignal:
-    """Turns SIGINT/SIGTERM into a request honoured between steps (a second SIGINT stops at once)."""
+    """Turns SIGINT/SIGTERM into a request honoured between steps (a second SIGINT stops at once); after
+    the loop (``immediate``) a signal stops at once, leaving no summary half-written."""
 
     def __enter__(self) -> _StopOnSignal:
         self.requested = False
+        self.immediate = False
         self._old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -508,7 +579,8 @@ class _StopOnSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
+        if self.immediate or (self.requested and signum == signal.SIGINT):
+            self.requested = True
             raise KeyboardInterrupt
         self.requested = True
 
@@ -517,6 +589,11 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
-    """Train one recipe; returns the summary (also written to ``<out_dir>/summary.json``)."""
-    return Trainer(cfg).fit()
+def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
+    """Train one recipe; returns the summary (also written to ``<out_dir>/summary.json``). A finished run of
+    the same recipe in ``out_dir`` is returned as it is, without loading data (``force`` trains it again)."""
+    if not force and cfg.resume and os.environ.get("WORLD_SIZE", "1") in ("", "1"):
+        summary = RunDir(cfg.out_dir).finished(cfg)
+        if summary is not None:
+            return summary
+    return Trainer(cfg).fit(force)

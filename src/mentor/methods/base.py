@@ -309,14 +309,13 @@ class Method(nn.Module):
         frozen = tuple(f"{name}." for name in self._teachers)
         return {k: v for k, v in self.state_dict().items() if not k.startswith(frozen)}
 
-    def load_trained_state(self, state: dict[str, Tensor]) -> None:
-        """Load a :meth:`trained_state` (or a full ``state_dict``); only teachers may be absent."""
-        frozen = tuple(f"{name}." for name in self._teachers)
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith(frozen)]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint does not fit {type(self).__name__}: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
+    def load_trained_state(self, state: dict[str, Tensor], file: str = "the checkpoint") -> None:
+        """Load a :meth:`trained_state` (or a full ``state_dict``); only teachers may be absent. A
+        mismatch names the missing, unexpected and differently shaped tensors."""
+        from ..engine.checkpoint import load_weights
+
+        load_weights(self, state, file, f"method {type(self).__name__}",
+                     optional=tuple(f"{name}." for name in self._teachers))
 
     def train(self, mode: bool = True) -> Method:
         super().train(mode)
