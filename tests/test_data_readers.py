@@ -383,7 +383,7 @@ def test_image_folder_errors(tmp_path):
     bad.write_bytes(b"\x89PNG not really")
     folder = ImageFolder(tmp_path / "d", 4, mode="L")
     assert folder[0][0].shape == (1, 4, 4)
-    with pytest.raises(DataError, match="not a readable image") as e:
+    with pytest.raises(DataError, match="cannot be read as an image") as e:
         folder[1]
     assert str(bad) in str(e.value)
     with pytest.raises(DataError, match="Did you mean 'd'"):

@@ -327,8 +327,8 @@ def test_folder_layout_problems_are_listed_then_raised(folder_tree, tmp_path):
     assert sorted(problems) == sorted([
         "domain art lacks 2 classes other domains have: dog, zebra",
         "domain photo lacks 1 class other domains have: zebra",
-        "domain art class cat is empty",
-        "domain photo class dog is empty",
+        f"domain art class cat is empty (no image files in {root / 'art' / 'cat'})",
+        f"domain photo class dog is empty (no image files in {root / 'photo' / 'dog'})",
     ])
     with pytest.raises(DataError) as e:
         domain_folder(str(root))

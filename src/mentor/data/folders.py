@@ -8,10 +8,18 @@ subset of domains a run loads. Pillow is an optional extra, imported on first us
 Multi-domain data may instead come as ``path label`` list files, one per domain (and split), with paths
 relative to the root (DomainNet, the Office lists): :func:`find_domain_lists`, :func:`read_image_list`,
 :class:`ImageList`. :func:`check_domain_layout` lists every problem of either layout in one go.
+
+A class folder without image files is an error unless the caller asks to skip it (``empty_classes``); a
+file Pillow cannot decode (damaged, truncated, not an image, or a possible decompression bomb) is a
+``DataError`` naming it, however the images are read.
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +31,9 @@ from mentor.data.readers import ArrayDataset
 from mentor.registry import suggest
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+EMPTY_CLASSES = ("error", "skip")  # what to do with a class folder holding no image file
+
+log = logging.getLogger("mentor")
 
 
 def _pil():
@@ -38,13 +49,43 @@ def _subfolders(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def find_classes(*roots: str | Path) -> list[str]:
-    """Sorted union of the class-folder names under each root (the shared class index order)."""
+def find_classes(*roots: str | Path, empty_classes: str | None = None) -> list[str]:
+    """Sorted union of the class-folder names under each root (the shared class index order).
+
+    ``empty_classes`` says what to do with a class whose folder exists under some root but holds no
+    image file: None lists it like any other, ``"error"`` raises a ``DataError`` naming every such
+    folder, ``"skip"`` leaves the class out (of every root, so the roots keep one class list) with a
+    warning naming the folders.
+    """
+    roots = tuple(map(Path, roots))
     names: set[str] = set()
-    for root in map(Path, roots):
+    for root in roots:
         if root.is_dir():
             names.update(_subfolders(root))
-    return sorted(names)
+    classes = sorted(names)
+    if empty_classes is None:
+        return classes
+    if empty_classes not in EMPTY_CLASSES:
+        raise ValueError(f"empty_classes must be one of {EMPTY_CLASSES} or None, got {empty_classes!r}")
+    empty = [root / c for c in classes for root in roots if (root / c).is_dir() and not _has_images(root / c)]
+    if not empty:
+        return classes
+    shown = _some([str(p) for p in empty])
+    if empty_classes == "error":
+        raise DataError(f"{_count(empty, 'class folder')} {'holds' if len(empty) == 1 else 'hold'} no image "
+                        f"files ({', '.join(IMAGE_EXTENSIONS)}): {shown}; a class needs images to be learned and "
+                        f"tested. Put images in {'it' if len(empty) == 1 else 'them'}, delete "
+                        f"{'it' if len(empty) == 1 else 'them'}, or leave such classes out "
+                        f"(`data.empty_classes: skip` in a recipe).")
+    skipped = sorted({p.name for p in empty})
+    kept = [c for c in classes if c not in skipped]
+    if not kept:
+        raise DataError(f"no class folder under {', '.join(map(str, roots))} holds image files "
+                        f"({', '.join(IMAGE_EXTENSIONS)}); put the images in <root>/<class>/ folders")
+    log.warning("leaving out %s whose folder holds no image files: %s (empty: %s); %s images in other "
+                "folders are not used either", _count(skipped, "class"), ", ".join(skipped), shown,
+                "its" if len(skipped) == 1 else "their")
+    return kept
 
 
 def list_domains(root: str | Path) -> list[str]:
@@ -53,6 +94,11 @@ def list_domains(root: str | Path) -> list[str]:
     if not root.is_dir():
         raise DataError(f"{root} is not a folder; expected root/<domain>/<class>/<images>")
     return _subfolders(root)
+
+
+def _has_images(folder: Path) -> bool:
+    """Whether ``folder`` holds at least one image file (stops at the first)."""
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in folder.rglob("*"))
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -67,6 +113,53 @@ def _size(size: int | tuple[int, int]) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise ValueError(f"image size must be positive, got {size}")
     return int(h), int(w)
+
+
+class UndecodableImage(Exception):
+    """One image file Pillow cannot decode: ``args`` are (path, problem, whether it is a size problem).
+
+    Internal and picklable (a DataLoader worker sends its ``args`` back); :func:`undecodable_error` turns
+    one or more into the ``DataError`` a user sees.
+    """
+
+
+def _decode_problem(e: Exception, Image) -> str:
+    if isinstance(e, Image.UnidentifiedImageError):
+        return "Pillow does not recognise it as an image (not an image file, or its start is damaged)"
+    if isinstance(e, FileNotFoundError):
+        return "the file does not exist"
+    detail = " ".join(str(e).split()).rstrip(".") or type(e).__name__
+    return f"it is damaged or truncated ({detail})"
+
+
+def undecodable_error(failures: list[tuple[str, str, bool]]) -> DataError:
+    """One ``DataError`` paragraph for the image files (path, problem, too large) that cannot be decoded."""
+    if len(failures) == 1:
+        path, problem, _ = failures[0]
+        head = f"{path} cannot be read as an image: {problem}. Delete it or replace it with an intact copy"
+    else:
+        listed = "; ".join(f"{path}: {problem}" for path, problem, _ in failures[:_SHOWN])
+        more = f" (+{len(failures) - _SHOWN} more)" if len(failures) > _SHOWN else ""
+        head = (f"{len(failures)} files cannot be read as images: {listed}{more}. Delete them or replace them "
+                f"with intact copies")
+    if any(large for _, _, large in failures):
+        head += ("; a genuine image that large must be shrunk beforehand, e.g. with ImageMagick: "
+                 "`mogrify -resize '4096x4096>' FILE`")
+    return DataError(head + ".")
+
+
+@contextmanager
+def bombs_as_errors() -> Iterator[None]:
+    """Within this block, an image over Pillow's decompression-bomb *warning* size fails to decode.
+
+    Pillow only warns (``DecompressionBombWarning``) between ``Image.MAX_IMAGE_PIXELS`` and twice that, and
+    decodes anyway: minutes and gigabytes for one image that is then shrunk to a few pixels. Set once around
+    a loop over many images (the filter is process-wide state, too costly to set per image).
+    """
+    Image = _pil()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
 
 
 class ImageFiles(Dataset):
@@ -93,15 +186,30 @@ class ImageFiles(Dataset):
         return len(self.samples)
 
     def read_uint8(self, i: int) -> np.ndarray:
-        """Image ``i`` as uint8 [H, W, C] after conversion to ``mode`` and resizing."""
+        """Image ``i`` as uint8 [H, W, C] after conversion to ``mode`` and resizing.
+
+        A file Pillow cannot decode is a ``DataError`` naming it. Pillow only warns about an image between
+        its decompression-bomb warning and error sizes; inside :func:`bombs_as_errors` that is an error too.
+        """
+        try:
+            return self.decode_uint8(i)
+        except UndecodableImage as e:
+            raise undecodable_error([e.args]) from None
+
+    def decode_uint8(self, i: int) -> np.ndarray:
+        """:meth:`read_uint8`, raising :class:`UndecodableImage` (to gather several before reporting)."""
         path = self.samples[i][0]
         Image = _pil()
         bilinear = getattr(Image, "Resampling", Image).BILINEAR
         try:
             with Image.open(path) as im:
                 im = im.convert(self.mode).resize((self.size[1], self.size[0]), bilinear)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{path} is not a readable image ({e}); replace or delete it") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            size = str(e).split(", could be")[0].rstrip(".")  # Pillow's "Image size (N pixels) exceeds limit ..."
+            problem = f"it is too large to decode safely, a possible decompression bomb ({size})"
+            raise UndecodableImage(str(path), problem, True) from None
+        except Exception as e:  # whatever a damaged file makes a decoder raise
+            raise UndecodableImage(str(path), _decode_problem(e, Image), False) from None
         arr = np.asarray(im, dtype=np.uint8)
         return arr[:, :, None] if arr.ndim == 2 else arr
 
@@ -114,7 +222,16 @@ class ImageFiles(Dataset):
 
         ``mean``/``std`` are measured on these images, so call it on a training folder.
         """
-        stacked = np.stack([self.read_uint8(i) for i in range(len(self))])
+        arrays, failed = [], []
+        with bombs_as_errors():
+            for i in range(len(self)):
+                try:
+                    arrays.append(self.decode_uint8(i))
+                except UndecodableImage as e:
+                    failed.append(e.args)  # go on, so that one message names every bad file
+        if failed:
+            raise undecodable_error(failed)
+        stacked = np.stack(arrays)
         images = torch.from_numpy(stacked).permute(0, 3, 1, 2)
         labels = torch.tensor([label for _, label in self.samples], dtype=torch.int64)
         scaled = images.double() / 255.0
@@ -129,15 +246,16 @@ class ImageFolder(ImageFiles):
 
     Items are ``(float tensor [C, H, W] in [0, 1], int label)``; ``mode`` is a Pillow mode
     ("RGB" gives 3 channels, "L" gives 1). ``classes`` fixes the class order (default: this root's
-    sorted class folders); a class folder missing under this root simply contributes no images.
+    sorted class folders, an empty one an error or, with ``empty_classes="skip"``, left out; see
+    :func:`find_classes`); a class folder missing under this root simply contributes no images.
     """
 
     def __init__(self, root: str | Path, size: int | tuple[int, int], classes: list[str] | None = None,
-                 mode: str = "RGB"):
+                 mode: str = "RGB", empty_classes: str = "error"):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root} is not a folder; expected {root}/<class>/<images>")
-        classes = list(classes) if classes is not None else find_classes(root)
+        classes = list(classes) if classes is not None else find_classes(root, empty_classes=empty_classes)
         if not classes:
             raise DataError(f"{root} has no class sub-folders; expected {root}/<class>/*.png")
         samples: list[tuple[Path, int]] = []
@@ -163,8 +281,12 @@ class ImageList(ImageFiles):
 
 
 def image_folder_domains(root: str | Path, size: int | tuple[int, int], domains: list[str] | None = None,
-                         mode: str = "RGB") -> dict[str, ImageFolder]:
-    """One ``ImageFolder`` per domain under ``root/<domain>/<class>/``, all sharing one class order."""
+                         mode: str = "RGB", empty_classes: str = "error") -> dict[str, ImageFolder]:
+    """One ``ImageFolder`` per domain under ``root/<domain>/<class>/``, all sharing one class order.
+
+    A class folder without images in any domain (loaded or not) is an error, or with
+    ``empty_classes="skip"`` that class is left out of every domain (see :func:`find_classes`).
+    """
     root = Path(root)
     available = list_domains(root)
     if not available:
@@ -174,7 +296,7 @@ def image_folder_domains(root: str | Path, size: int | tuple[int, int], domains:
         if d not in available:
             raise DataError(f"{root} has no domain folder {d!r}.{suggest(d, available)} "
                             f"Found: {', '.join(available)}")
-    classes = find_classes(*(root / d for d in available))
+    classes = find_classes(*(root / d for d in available), empty_classes=empty_classes)
     return {d: ImageFolder(root / d, size, classes=classes, mode=mode) for d in chosen}
 
 
@@ -247,33 +369,41 @@ def read_image_list(path: str | Path) -> tuple[list[tuple[str, int]], list[str]]
     return entries, problems
 
 
-def check_domain_layout(root: str | Path, kind: str = "folder") -> list[str]:
+def check_domain_layout(root: str | Path, kind: str = "folder", empty_classes: str = "error") -> list[str]:
     """Every problem that would stop a multi-domain tree from loading, one line each ([] when it is usable).
 
     ``kind="folder"``: ``root/<domain>/<class>/<images>``; every domain must have the same class folders,
-    none of them empty. ``kind="list"``: ``root/<domain>.txt`` (or ``<domain>_train.txt`` and
-    ``<domain>_test.txt``) with ``relative/path <label>`` lines whose files exist and whose labels
-    number the classes 0..K-1, every domain using every label. Nothing is raised: the lines are meant to
-    be printed as they are (``domain_folder`` and ``domain_list`` raise them as one ``DataError``).
+    none of them empty (with ``empty_classes="skip"``, a class empty in some domain is no problem: it is
+    left out of every domain, as :func:`image_folder_domains` does). ``kind="list"``:
+    ``root/<domain>.txt`` (or ``<domain>_train.txt`` and ``<domain>_test.txt``) with ``relative/path <label>``
+    lines whose files exist and whose labels number the classes 0..K-1, every domain using every label.
+    Nothing is raised: the lines are meant to be printed as they are (``domain_folder`` and ``domain_list``
+    raise them as one ``DataError``).
     """
     root = Path(root)
     if kind not in ("folder", "list"):
         raise ValueError(f"kind must be 'folder' or 'list', got {kind!r}")
+    if empty_classes not in EMPTY_CLASSES:
+        raise ValueError(f"empty_classes must be one of {EMPTY_CLASSES}, got {empty_classes!r}")
     if not root.is_dir():
         return [f"{root} is not a folder"]
-    return _check_folder_layout(root) if kind == "folder" else _check_list_layout(root)
+    return _check_folder_layout(root, empty_classes) if kind == "folder" else _check_list_layout(root)
 
 
-def _check_folder_layout(root: Path) -> list[str]:
+def _check_folder_layout(root: Path, empty_classes: str) -> list[str]:
     domains = _subfolders(root)
     if not domains:
         return [f"{root} has no domain folders; expected {root}/<domain>/<class>/<images>"]
     classes = {d: _subfolders(root / d) for d in domains}
+    empty = [(d, c) for d in domains for c in classes[d] if not _has_images(root / d / c)]
+    if empty_classes == "skip":
+        skipped = {c for _, c in empty}
+        classes = {d: [c for c in cs if c not in skipped] for d, cs in classes.items()}
+        problems = [f"domain {d} has no class folder holding images" for d in domains if not classes[d]]
+        return problems + _missing_classes({d: set(c) for d, c in classes.items() if c})
     problems = [f"domain {d} has no class folders" for d in domains if not classes[d]]
     problems += _missing_classes({d: set(c) for d, c in classes.items() if c})
-    for d in domains:
-        problems += [f"domain {d} class {c} is empty" for c in classes[d] if not _image_files(root / d / c)]
-    return problems
+    return problems + [f"domain {d} class {c} is empty (no image files in {root / d / c})" for d, c in empty]
 
 
 def _check_list_layout(root: Path) -> list[str]:
@@ -355,7 +485,8 @@ def layout_error(root: str | Path, kind: str, problems: list[str]) -> DataError:
     root = Path(root)
     if kind == "folder":
         fix = (f"arrange the data as {root}/<domain>/<class>/<image files>, with the same class folders in "
-               f"every domain and none of them empty")
+               f"every domain and none of them empty (or leave classes with an empty folder out of every "
+               f"domain with `data.empty_classes: skip`)")
     else:
         fix = (f"give each domain a list file {root}/<domain>.txt (or <domain>_train.txt and "
                f"<domain>_test.txt) whose lines read `relative/path/to/image.jpg <label>`, paths relative "

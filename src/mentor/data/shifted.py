@@ -413,29 +413,31 @@ def _chosen(root: Path, available: list[str], domains: list[str] | None) -> list
     return chosen
 
 
-def _check_root(root: str | None, kind: str, what: str) -> None:
+def _check_root(root: str | None, kind: str, what: str, empty_classes: str = "error") -> None:
     """A user's domain tree exists and passes the layout checker (all problems in one message)."""
     if root is None:
         raise DataError(f"domain_{kind} needs data.root: {what}")
-    problems = check_domain_layout(root, kind)
+    problems = check_domain_layout(root, kind, empty_classes)
     if problems:
         raise layout_error(root, kind, problems)
 
 
 @register_domains("domain_folder")
 def domain_folder(root: str | None, image_size: int = 32, channels: int = 3,
-                  domains: list[str] | None = None) -> DomainSet:
+                  domains: list[str] | None = None, empty_classes: str = "error") -> DomainSet:
     """A user's multi-domain image tree ``root/<domain>/<class>/<images>`` (DomainBed's layout for PACS,
     VLCS, Office-Home, DomainNet; Gulrajani & Lopez-Paz, ICLR 2021), every image read into memory at
     ``image_size`` with ``channels`` channels.
 
     Classes are the sorted class folders over all domains, so an index means the same class in every
     domain; ``domains`` picks some (default: all, sorted). mean/std are measured over all the domains
-    loaded. Any layout problem (see ``check_domain_layout``) stops the load with all of them listed.
+    loaded. Any layout problem (see ``check_domain_layout``) stops the load with all of them listed; a
+    class folder without images is one, unless ``empty_classes="skip"`` leaves that class out of every
+    domain (with a warning naming the folders).
     """
-    _check_root(root, "folder", "the folder holding <domain>/<class>/<images>")
+    _check_root(root, "folder", "the folder holding <domain>/<class>/<images>", empty_classes)
     mode = _mode(channels)
-    folders = image_folder_domains(root, image_size, domains, mode)
+    folders = image_folder_domains(root, image_size, domains, mode, empty_classes)
     return _with_pooled_stats(Path(root).name, {d: f.to_array_dataset(d) for d, f in folders.items()})
 
 

@@ -3,17 +3,28 @@
 Batches follow the same :class:`IndexSchedule` as in-memory data, so a run is reproducible from
 (seed, step) and resumes exactly whether its data stream or live on the device. Only decoding moves
 to worker processes; augmentation still runs batched on the device.
+
+A file that cannot be decoded comes back from the worker as a marker in place of its batch, and the
+main process raises one ``DataError`` naming it: an exception raised in a worker would reach the main
+process with the worker's traceback pasted into its message.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from mentor.data.folders import ImageFolder
+from mentor.data.folders import ImageFolder, UndecodableImage, bombs_as_errors, undecodable_error
 from mentor.data.loader import IndexSchedule
+
+
+class _Undecodable(NamedTuple):
+    """A batch in which some files could not be decoded: (path, problem, too large) of each."""
+
+    failures: list[tuple[str, str, bool]]
 
 
 class _Uint8(Dataset):
@@ -29,6 +40,32 @@ class _Uint8(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         j = self.indices[i]
         return torch.from_numpy(self.folder.read_uint8(j).copy()).permute(2, 0, 1), self.folder.samples[j][1]
+
+    def __getitems__(self, positions: list[int]) -> list[tuple[torch.Tensor, int]] | _Undecodable:
+        """One batch (the DataLoader's fetcher calls this in place of ``__getitem__`` per position)."""
+        items, failed = [], []
+        with bombs_as_errors():  # once per batch, not per image
+            for i in positions:
+                j = self.indices[i]
+                try:
+                    arr = self.folder.decode_uint8(j)
+                except UndecodableImage as e:
+                    failed.append(e.args)
+                    continue
+                items.append((torch.from_numpy(arr.copy()).permute(2, 0, 1), self.folder.samples[j][1]))
+        return _Undecodable(failed) if failed else items
+
+
+def _collate(batch):
+    return batch if isinstance(batch, _Undecodable) else default_collate(batch)
+
+
+def _checked(loader: DataLoader) -> Iterator:
+    """The loader's batches; a batch with undecodable files raises their ``DataError`` here, in the main process."""
+    for batch in loader:
+        if isinstance(batch, _Undecodable):
+            raise undecodable_error(batch.failures)
+        yield batch
 
 
 class FolderSplit:
@@ -57,9 +94,10 @@ class FolderSplit:
     def subset(self, idx: torch.Tensor) -> FolderSplit:
         return FolderSplit(self.folder, self.indices[idx], self.mean, self.std, self.num_workers, self.name)
 
-    def loader(self, batch_sampler) -> DataLoader:
-        return DataLoader(_Uint8(self.folder, self.indices), batch_sampler=batch_sampler,
-                          num_workers=self.num_workers, persistent_workers=False)
+    def loader(self, batch_sampler: Iterable[list[int]]) -> Iterator:
+        """The batches ``batch_sampler`` names (positions in this split), decoded by ``num_workers`` workers."""
+        return _checked(DataLoader(_Uint8(self.folder, self.indices), batch_sampler=batch_sampler,
+                                   num_workers=self.num_workers, persistent_workers=False, collate_fn=_collate))
 
     def batches(self, batch_size: int, rank: int = 0, world_size: int = 1) -> Iterator:
         """(uint8 images, labels) in order, this rank's share (positions rank, rank + world, ...)."""
@@ -104,7 +142,11 @@ class StreamLoader(IndexSchedule):
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._it is None or step != self._next:
-            self._it = iter(self.split.loader(_Steps(self, step)))
-        x, y = next(self._it)
+            self._it = self.split.loader(_Steps(self, step))
+        try:
+            x, y = next(self._it)
+        except BaseException:
+            self._it = None  # an undecodable file (or an interrupt) ended the workers: restart if asked again
+            raise
         self._next = step + 1
         return x.to(self.target, non_blocking=True), y.to(self.target, non_blocking=True)
