@@ -31,6 +31,7 @@ from ..models import create_model
 from . import checkpoint as ckpt
 from .logger import format_duration, log
 from .optim import build_optimizer
+from .rundir import RunDir
 from .trainer import autocast_for, hardware_name, init_network, resolve_device
 
 SETTINGS = ("reset", "continual")
@@ -121,7 +122,7 @@ def adapt(plan: AdaptPlan, cfg: RunConfig) -> dict[str, Any]:
     t = cfg.trainer
     device = resolve_device(t.device)
     autocast = autocast_for(device, t.precision)
-    if cfg.out_dir == "runs/default":
+    if not cfg.out_dir or cfg.out_dir == "runs/default":
         cfg.out_dir = _default_out(plan, cfg.method.name)
     run_dir = Path(cfg.out_dir)
 
@@ -137,57 +138,57 @@ def adapt(plan: AdaptPlan, cfg: RunConfig) -> dict[str, Any]:
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {"adapt": {"run": str(plan.run), "checkpoint": str(file), "shift": plan.shift,
-                          "setting": plan.setting, "root": plan.root, "options": plan.options or {}},
-                **to_dict(cfg)}
-    ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    with RunDir(run_dir).locked():  # one run per directory
+        resolved = {"adapt": {"run": str(plan.run), "checkpoint": str(file), "shift": plan.shift,
+                              "setting": plan.setting, "root": plan.root, "options": plan.options or {}},
+                    **to_dict(cfg)}
+        ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
-    records: list[dict[str, Any]] = []
-    optimizers = None
-    t0 = time.perf_counter()
-    images = 0
-    for i, (name, ds) in enumerate(shift.domains.items()):
-        if plan.setting == "reset" or i == 0:
-            method.reset()
-            optimizers = _optimizers(method, cfg)
-        method.prepare()
-        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(t.seed))
-        correct = torch.zeros((), dtype=torch.long, device=device)
-        sums: dict[str, torch.Tensor] = {}
-        batches = 0
-        for start in range(0, len(ds), cfg.data.batch_size):
-            idx = order[start:start + cfg.data.batch_size]
-            x = (ds.images[idx].to(device).float().div_(255.0) - m) / s
-            y = ds.labels[idx].to(device)
-            if method.episodic:
+        records: list[dict[str, Any]] = []
+        optimizers = None
+        t0 = time.perf_counter()
+        images = 0
+        for i, (name, ds) in enumerate(shift.domains.items()):
+            if plan.setting == "reset" or i == 0:
                 method.reset()
                 optimizers = _optimizers(method, cfg)
-                method.prepare()
-            out = _step(method, optimizers, {"x": x}, batches, autocast, cfg)
-            correct += (out.pop("logits").argmax(1) == y).sum()
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            batches += 1
-        images += len(ds)
-        acc = correct.item() / len(ds)  # one read per stream
-        record = {"stream": name, "acc": acc, "error": 1.0 - acc, "n": len(ds),
-                  **{k: float(v) / batches for k, v in sums.items()}}
-        records.append(record)
-        ckpt.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-        log.info(f"{name}: acc {acc:.4f}")
-    wall = time.perf_counter() - t0
-    accs = {r["stream"]: r["acc"] for r in records}
-    summary = {"method": cfg.method.name, "setting": plan.setting, "shift": plan.shift, "source_run": str(plan.run),
-               "checkpoint": str(file), "streams": len(accs), "acc_mean": sum(accs.values()) / len(accs),
-               "acc_worst": min(accs.values()), "error_mean": 1.0 - sum(accs.values()) / len(accs),
-               **{f"acc@{k}": v for k, v in accs.items()}, "batch_size": cfg.data.batch_size,
-               "wall_s": wall, "img_s": images / wall if wall > 0 else float("nan"),
-               "device": hardware_name(device), "torch": str(torch.__version__)}
-    ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    log.info(f"done in {format_duration(wall)}: mean acc {summary['acc_mean']:.4f}, worst "
-             f"{summary['acc_worst']:.4f} over {len(accs)} streams ({plan.setting})")
-    return summary
+            method.prepare()
+            order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(t.seed))
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            sums: dict[str, torch.Tensor] = {}
+            batches = 0
+            for start in range(0, len(ds), cfg.data.batch_size):
+                idx = order[start:start + cfg.data.batch_size]
+                x = (ds.images[idx].to(device).float().div_(255.0) - m) / s
+                y = ds.labels[idx].to(device)
+                if method.episodic:
+                    method.reset()
+                    optimizers = _optimizers(method, cfg)
+                    method.prepare()
+                out = _step(method, optimizers, {"x": x}, batches, autocast, cfg)
+                correct += (out.pop("logits").argmax(1) == y).sum()
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
+                batches += 1
+            images += len(ds)
+            acc = correct.item() / len(ds)  # one read per stream
+            record = {"stream": name, "acc": acc, "error": 1.0 - acc, "n": len(ds),
+                      **{k: float(v) / batches for k, v in sums.items()}}
+            records.append(record)
+            ckpt.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+            log.info(f"{name}: acc {acc:.4f}")
+        wall = time.perf_counter() - t0
+        accs = {r["stream"]: r["acc"] for r in records}
+        summary = {"method": cfg.method.name, "setting": plan.setting, "shift": plan.shift, "source_run": str(plan.run),
+                   "checkpoint": str(file), "streams": len(accs), "acc_mean": sum(accs.values()) / len(accs),
+                   "acc_worst": min(accs.values()), "error_mean": 1.0 - sum(accs.values()) / len(accs),
+                   **{f"acc@{k}": v for k, v in accs.items()}, "batch_size": cfg.data.batch_size,
+                   "wall_s": wall, "img_s": images / wall if wall > 0 else float("nan"),
+                   "device": hardware_name(device), "torch": str(torch.__version__)}
+        ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        log.info(f"done in {format_duration(wall)}: mean acc {summary['acc_mean']:.4f}, worst "
+                 f"{summary['acc_worst']:.4f} over {len(accs)} streams ({plan.setting})")
+        return summary
 
 
 def _optimizers(method, cfg: RunConfig) -> list[tuple[Any, torch.optim.Optimizer]]:

@@ -136,7 +136,7 @@ class RunDir:
                                                        f"checked from here), delete {self.lock_path}.")
                 raise RunDirError(f"out_dir {str(self.path)!r} is in use by {who} since "
                                   f"{owner.get('started', '?')} ({self.lock_path}): one run per directory. Wait "
-                                  f"for it to finish, or give this run another out_dir.{extra}")
+                                  f"for it to finish, or give this run another out_dir.{extra}") from None
             except OSError as e:
                 raise RunDirError(f"cannot create {self.lock_path} ({type(e).__name__}: {e}); set out_dir to a "
                                   "folder you can write to") from None

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, RunConfig, dump_config, to_dict
+from ..config import ConfigError, RunConfig, to_dict
 from ..errors import CheckpointMismatchError
-from .rundir import RunDir
 from ..methods import METHODS, BuildInfo, Method, StepContext
 from ..methods.base import Refresh
 from ..models import create_model, strip_taps
@@ -40,6 +39,7 @@ from .inputs import Splits, TrainInputs, data_free_splits, load_splits
 from .logger import RunLogger, format_duration, log, truncate_metrics
 from .meter import Meter, NonFiniteLossError
 from .optim import build_optimizer, build_scheduler, device_lr
+from .rundir import RunDir
 
 
 def resolve_device(name: str, dist: Dist | None = None) -> torch.device:
