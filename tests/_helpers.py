@@ -47,7 +47,21 @@ class BNNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(torch.relu(self.bn(self.conv(x))), 1).flatten(1))
 
 
-for _name, _net in (("test_mlp", FixedMLP), ("test_bncnn", BNNet)):
+class Float64Net(nn.Module):
+    """A zoo network in float64 (its input cast up): a DDP run of it and one process agree to ~1e-15,
+    where in float32 a rounding difference may flip a ReLU gate and move weights by up to ~1e-3."""
+
+    def __init__(self, num_classes: int, in_channels: int = 1, model: str = "resnet8"):
+        super().__init__()
+        from mentor.models import create_model
+
+        self.net = create_model(model, num_classes=num_classes, in_channels=in_channels).double()
+
+    def forward(self, x):
+        return self.net(x.double())
+
+
+for _name, _net in (("test_mlp", FixedMLP), ("test_bncnn", BNNet), ("test_resnet8_f64", Float64Net)):
     if _name not in MODELS:
         register_model(_name)(lambda num_classes, in_channels=1, _net=_net, **kw: _net(num_classes, in_channels, **kw))
 
@@ -156,18 +170,82 @@ if "test_item_step" not in METHODS:
             return {"loss": ce * (2.0 if ce.item() > 100 else 1.0)}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(rank: int, world: int, port: int) -> None:
+    """The environment torchrun gives rank ``rank`` of ``world`` processes on localhost; one thread."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
 def ddp_worker(rank, world, port, out_dir, overrides, splits, result_path):
     """One rank of a CPU (gloo) run of ``overrides`` on ``splits``; rank 0 saves its state and summary."""
     from mentor.config import load_config
     from mentor.engine import Trainer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    torchrun_env(rank, world, port)
     trainer = Trainer(load_config(None, [f"out_dir={out_dir}", *overrides]), splits=splits)
     summary = trainer.fit()
     if rank == 0:
         torch.save({"state": trainer.method.state_dict(), "summary": summary}, result_path)
+
+
+SYNC_BN_SHARES = (3, 5)  # images of each rank: the ranks need not hold equal shares
+
+
+def sync_bn_case(kind: str, dtype: torch.dtype, momentum: float | None, steps: int = 3):
+    """Layer and data of one sync-BN check: a BatchNorm (seeded affine parameters), and per step the
+    global batch and the gradient the loss ``sum(out * upstream)`` sends into the layer's output."""
+    g = torch.Generator().manual_seed(7)
+    bn = (nn.BatchNorm2d(4, momentum=momentum) if kind == "2d" else nn.BatchNorm1d(4, momentum=momentum)).to(dtype)
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(4, generator=g, dtype=dtype) + 0.5)
+        bn.bias.copy_(torch.randn(4, generator=g, dtype=dtype))
+    shape = (sum(SYNC_BN_SHARES), 4, 5, 5) if kind == "2d" else (sum(SYNC_BN_SHARES), 4)
+    data = [(3.0 * torch.randn(shape, generator=g, dtype=dtype) + 2.0, torch.randn(shape, generator=g, dtype=dtype))
+            for _ in range(steps)]
+    return bn, data
+
+
+SYNC_BN_CASES = [(kind, dtype, momentum) for dtype in (torch.float64, torch.float32)
+                 for kind, momentum in (("2d", 0.1), ("2d", None), ("2d", 0.0), ("1d", 0.1))]
+
+
+def sync_bn_worker(rank, world, port, result_path):
+    """Rank ``rank`` runs every :data:`SYNC_BN_CASES` case on its share of the global batch through the
+    synchronised layer (train steps, then one eval forward), and saves what it saw."""
+    import torch.distributed as dist
+
+    from mentor.nn.syncbn import convert_sync_bn
+
+    torchrun_env(rank, world, port)
+    dist.init_process_group("gloo")
+    lo = sum(SYNC_BN_SHARES[:rank])
+    rows = slice(lo, lo + SYNC_BN_SHARES[rank])
+    results = []
+    for case in SYNC_BN_CASES:
+        bn, data = sync_bn_case(*case)
+        convert_sync_bn(bn)
+        seen = {"out": [], "grad": []}
+        for x, up in data:
+            x = x[rows].clone().requires_grad_(True)
+            out = bn(x)
+            (out * up[rows]).sum().backward()
+            seen["out"].append(out.detach())
+            seen["grad"].append(x.grad)
+        bn.eval()
+        seen["eval"] = bn(data[0][0][rows]).detach()
+        seen.update(weight_grad=bn.weight.grad, bias_grad=bn.bias.grad, state=bn.state_dict())
+        results.append(seen)
+    torch.save(results, f"{result_path}.{rank}")
+    dist.destroy_process_group()
 
 
 def fit_until_signal(trainer, after_step: int) -> None:

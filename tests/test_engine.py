@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 
 import pytest
 import torch
@@ -157,12 +156,6 @@ def test_ema_is_evaluated_when_enabled(tmp_path):
 
 # -- DDP ----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 DDP_COMMON = ["data.name=digits", "data.val_size=200", "model.name=test_mlp", "data.augment=none",
               "trainer.max_steps=8", "trainer.eval_every=8", "trainer.ckpt_every=8", "trainer.log_every=4",
               "trainer.progress=false", "optim.lr=0.1", "optim.weight_decay=0", "schedule.name=constant"]
@@ -170,11 +163,11 @@ DDP_COMMON = ["data.name=digits", "data.val_size=200", "model.name=test_mlp", "d
 
 def test_ddp_two_processes_equal_one_process(tmp_path):
     import torch.multiprocessing as mp
-    from _helpers import ddp_worker
+    from _helpers import ddp_worker, free_port
 
     # The data is loaded here and handed to the workers: they import torch and mentor only.
     splits = load_splits(load_config(None, DDP_COMMON).data)
-    mp.spawn(ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), DDP_COMMON + ["data.batch_size=32"], splits,
+    mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path / "ddp"), DDP_COMMON + ["data.batch_size=32"], splits,
                                str(tmp_path / "ddp.pt")), nprocs=2, join=True)
     single = Trainer(load_config(None, [f"out_dir={tmp_path / 'one'}", *DDP_COMMON, "data.batch_size=64"]),
                      splits=splits)

@@ -67,7 +67,7 @@ def _folder_splits(cfg: DataConfig):
         raise ConfigError(f"image_folder needs a test split: {root}/train and {root}/test, or data.test_root")
     if cfg.channels not in (1, 3):
         raise ConfigError(f"data.channels must be 1 or 3, got {cfg.channels}")
-    classes = find_classes(train_root, test_root)
+    classes = find_classes(train_root, test_root, empty_classes=cfg.empty_classes)
     mode = "L" if cfg.channels == 1 else "RGB"
     train = ImageFolder(train_root, cfg.image_size, classes=classes, mode=mode)
     test = ImageFolder(test_root, cfg.image_size, classes=classes, mode=mode)
@@ -140,6 +140,8 @@ def load_splits(cfg: DataConfig) -> Splits:
 
     if is_domain_set(cfg.name):
         options = {"image_size": cfg.image_size, "channels": cfg.channels} if cfg.name.startswith("domain_") else {}
+        if cfg.name == "domain_folder":
+            options["empty_classes"] = cfg.empty_classes
         return _domain_splits(cfg, load_domains(cfg.name, root=cfg.root, **options))
     if cfg.domains or cfg.test_domains:
         raise ConfigError(f"data.domains/data.test_domains need a domain set as data.name, not {cfg.name!r}; "
@@ -217,10 +219,17 @@ class TrainInputs:
 
     Labelled views are ``x_<view>`` (``x`` the first), with ``y`` and ``index``; unlabelled views are
     ``u_<view>`` (``u`` the first) with ``u_index``, and the unlabelled batch's true labels under
-    ``_u_y`` (the engine moves them into ``ctx`` for diagnostics; the method never sees them). Each view
-    has its own generator seeded from (seed, step, rank, part, view), so the same step always gives
-    the same pixels. With ``Inputs(domains=True)`` the labelled batch is ``batch_size`` images from
-    each training domain in order, with ``domain``.
+    ``_u_y`` (the engine moves them into ``ctx`` for diagnostics; the method never sees them). With
+    ``Inputs(domains=True)`` the labelled batch is ``batch_size`` images from each training domain in
+    order, with ``domain``.
+
+    Each view has its own generator seeded from (seed, step, part, view), so the same step always gives
+    the same pixels, and an image's augmentation does not depend on the DDP rank: the view draws its
+    parameters (``sample_params``) for the global batch, laid out as one process would hold it
+    (``[domain 0: B*W, domain 1: B*W, ...]``), and each rank applies the rows of its own images
+    (positions ``[r*B, (r+1)*B)`` of each domain's block, as :class:`~mentor.data.loader.IndexSchedule`
+    deals them out). An augmentation without ``sample_params`` draws for this rank's images only, from
+    a generator seeded with the rank as well.
     """
 
     def __init__(self, splits: Splits, cfg: DataConfig, inputs: Inputs | tuple[str, ...], seed: int, rank: int,
@@ -279,6 +288,33 @@ class TrainInputs:
             dom.append(torch.full((len(y),), i, dtype=torch.long, device=self.device))
         return torch.cat(xs), torch.cat(ys), torch.cat(idx), torch.cat(dom)
 
+    def _augment(self, aug, x: Tensor, part: _Part, step: int, view: int) -> Tensor:
+        """View ``view`` of this rank's images ``x`` (floats in [0, 1]) at ``step``."""
+
+        def generator(rank: int) -> torch.Generator:
+            # The labelled part keeps the seeds (seed, step, rank, view) of a single-stream batch. The
+            # rank's place holds 0 where parameters are drawn for the global batch, which leaves the
+            # pixels of a one-process run as they were before the draws became global.
+            key = (self.seed, step, rank, view) if part.tag == 0 else (self.seed, step, rank, view, part.tag)
+            return torch.Generator(device=self.device).manual_seed(_mix(*key))
+
+        sample = getattr(aug, "sample_params", None)
+        if sample is None:
+            return aug(x, generator(self.rank))
+        blocks, world = len(part.loaders), part.loaders[0].world_size
+        per_rank = x.shape[0] // blocks
+        total = blocks * world * per_rank
+        params = sample(total, generator(0))
+        for key, value in params.items():
+            if value.shape[:1] != (total,):
+                raise ValueError(f"{type(aug).__name__}.sample_params gave {key!r} of shape {tuple(value.shape)}: "
+                                 "every parameter must have the batch as its first dimension")
+        if world > 1:
+            # [blocks * W * B, ...] -> this rank's B rows of each block, in the order of x.
+            params = {key: value.unflatten(0, (blocks, world, per_rank))[:, self.rank].flatten(0, 1)
+                      for key, value in params.items()}
+        return aug.apply(x, params)
+
     def __call__(self, step: int) -> dict[str, Tensor]:
         batch: dict[str, Tensor] = {}
         for part in self.parts:
@@ -290,11 +326,7 @@ class TrainInputs:
             else:
                 batch.update(u_index=index, _u_y=y)
             for i, (name, aug) in enumerate(part.views):
-                g = torch.Generator(device=self.device)
-                # Labelled views keep the seeds (seed, step, rank, view) of a single-stream batch.
-                g.manual_seed(_mix(self.seed, step, self.rank, i) if part.tag == 0
-                              else _mix(self.seed, step, self.rank, i, part.tag))
-                x = aug(x_u8.float().div_(255.0), g)
+                x = self._augment(aug, x_u8.float().div_(255.0), part, step, i)
                 x = (x - self.mean) / self.std
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
