@@ -29,6 +29,7 @@ from ..errors import CheckpointMismatchError
 from ..methods import METHODS, BuildInfo, Method, StepContext
 from ..methods.base import Refresh
 from ..models import create_model, strip_taps
+from ..nn.norm import bn_layers
 from . import checkpoint as ckpt
 from .contract import check_step_output
 from .distributed import Dist, barrier, init_distributed, shutdown
@@ -162,6 +163,11 @@ class Trainer:
 
             # BatchNorm statistics over the global batch; frozen teachers keep their running statistics.
             convert_sync_bn(self.method, skip=set(self.method.frozen_modules()))
+        elif self.dist.enabled and self.is_main and any(bn_layers(m) for n, m in self.method.named_children()
+                                                        if n not in self.method.frozen_modules()):
+            log.warning("the network has BatchNorm layers and trainer.sync_bn is off: each process normalises "
+                        "its own share of the batch, so this run differs from one process with the global batch "
+                        "(set trainer.sync_bn=true for that)")
 
         self.phases = self.method.phases()
         if t.cuda_graph:
