@@ -266,3 +266,18 @@ def test_cli_train_empty_class_exits_1(tmp_path, capfd):
                    "data.val_size=0", "trainer.max_steps=1", f"out_dir={tmp_path / 'run'}"])
     err = capfd.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and str(root / "train" / "c") in err
+
+
+def test_a_class_folder_only_in_the_test_split_is_an_error(tmp_path):
+    from mentor.engine.inputs import load_splits
+
+    Image = pytest.importorskip("PIL.Image")
+    for split, classes in (("train", ("a", "b")), ("test", ("a", "b", "c"))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(4):
+                Image.new("L", (8, 8), 40 * i).save(tmp_path / split / c / f"{i}.png")
+    cfg = load_config(None, ["data.name=image_folder", f"data.root={tmp_path}", "data.val_size=2",
+                             "data.image_size=8", "data.channels=1"])
+    with pytest.raises(DataError, match=r"class folder\(s\) c that .*train lacks"):
+        load_splits(cfg.data)

@@ -17,6 +17,7 @@ from ..config import ConfigError, DataConfig
 from ..data import ArrayDataset, DeviceLoader, load_dataset, stratified_split, stratified_subset
 from ..data.augment import build_augment
 from ..data.stream import StreamLoader
+from ..errors import DataError
 from ..methods.base import Inputs
 
 
@@ -68,6 +69,11 @@ def _folder_splits(cfg: DataConfig):
     if cfg.channels not in (1, 3):
         raise ConfigError(f"data.channels must be 1 or 3, got {cfg.channels}")
     classes = find_classes(train_root, test_root, empty_classes=cfg.empty_classes)
+    untrained = [c for c in classes if not (train_root / c).is_dir()]
+    if untrained:
+        raise DataError(f"{test_root} has class folder(s) {', '.join(untrained[:5])} that {train_root} lacks: a class "
+                        "without training images cannot be learned; add its training images or remove it from the "
+                        "test split")
     mode = "L" if cfg.channels == 1 else "RGB"
     train = ImageFolder(train_root, cfg.image_size, classes=classes, mode=mode)
     test = ImageFolder(test_root, cfg.image_size, classes=classes, mode=mode)
