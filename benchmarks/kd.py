@@ -140,7 +140,8 @@ def speed(plan: dict, methods: list[str], teachers: list[str], device: str, thre
     for m in ["supervised", *methods]:
         overrides = [f"model.name={plan['students'][0]}", f"method.name={m}", f"data.batch_size={plan['batch_size']}",
                      f"trainer.device={device}", "trainer.progress=false", "out_dir=/tmp/mentor-kd-speed",
-                     "resume=false", f"trainer.max_steps={warmup + steps}", "data.subset=5000",
+                     "resume=false", f"trainer.max_steps={warmup + steps}", "schedule.warmup_steps=0",
+                     "data.subset=5000",
                      *method_overrides(m, teachers, 1.0)]
         if threads:
             overrides.append(f"trainer.threads={threads}")

@@ -9,16 +9,29 @@ method and carries that method's hyper-parameters (its own dataclass, defaults =
     optim: {name: sgd, lr: 0.1}
     trainer: {max_steps: 2000}
 
-Unknown keys fail and suggest the nearest valid key; wrong types name the key and the expected type;
-``key.sub=value`` overrides are parsed as YAML scalars and validated the same way.
+Unknown keys fail and suggest the nearest valid key (case ignored); wrong types name the key and the
+expected type; ``key.sub=value`` overrides are parsed by the same YAML loader and validated the same way.
+
+Values are checked where their dataclass is defined: :func:`rules` attaches a :class:`Rule` (a range,
+positivity, a non-empty string, ...) to a field, and :func:`check_values` applies them whenever a recipe
+builds the dataclass (null skips a field's rules: it means off, all or default). Method hyper-parameter
+dataclasses declare theirs the same way; a subclass adds to the rules it inherits. What involves two
+sections (``schedule.min_lr <= optim.lr``) or the machine (CUDA) is checked once the whole run is built.
+
+Recipe files are read strictly: UTF-8 (a BOM selects UTF-8/16/32), no duplicate keys at any level, no
+nesting deeper than :data:`MAX_DEPTH`, no tags beyond YAML's plain data (``safe_load``'s set).
 """
 
 from __future__ import annotations
 
+import codecs
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +41,118 @@ import yaml
 from .errors import ConfigError
 from .registry import suggest
 
+# --------------------------------------------------------------------------------------------------
+# value rules
 
+
+@dataclass(frozen=True)
+class Rule:
+    """What one recipe value may be: ``ok(value)`` decides, ``says`` tells the user ("> 0", "in [0, 1)").
+
+    ``each``: the rule applies to every item of a list (the message names the item); ``note``: why,
+    added to the message where the bare range does not say what goes wrong.
+    """
+
+    ok: Callable[[Any], bool]
+    says: str
+    note: str = ""
+    each: bool = False
+
+    def because(self, note: str) -> Rule:
+        return dataclasses.replace(self, note=note)
+
+
+def above(lo: float) -> Rule:
+    return Rule(lambda v: v > lo, f"> {lo}")
+
+
+def at_least(lo: float) -> Rule:
+    return Rule(lambda v: v >= lo, f">= {lo}")
+
+
+def between(lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> Rule:
+    """``lo <= v <= hi``, either end open."""
+    def ok(v: Any) -> bool:
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+    return Rule(ok, f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}")
+
+
+def each(rule: Rule) -> Rule:
+    return dataclasses.replace(rule, each=True)
+
+
+POSITIVE = above(0)
+NON_NEGATIVE = at_least(0)
+COUNT = at_least(1)
+PROBABILITY = between(0, 1)  # probabilities, confidence thresholds, fractions
+DECAY = between(0, 1, hi_open=True)  # momenta, EMA decays, Adam's betas: 1 would never forget
+# NumPy's RandomState (the seeded splits) takes 32-bit seeds, and the domain splits add 1000 per domain.
+SEED = Rule(lambda v: 0 <= v < 2**31, "in [0, 2**31)")
+NON_EMPTY = Rule(lambda v: v.strip() != "", "a non-empty string")
+# A path the OS can take: no NUL byte, no name over 255 bytes, at most 4095 bytes in all (Linux's limits).
+PATH = Rule(lambda v: "\0" not in v and len(v.encode()) < 4096 and all(len(p.encode()) <= 255 for p in v.split("/")),
+            "a usable path (no NUL byte, no name over 255 bytes, under 4096 bytes in all)")
+ASCENDING = Rule(lambda v: all(a < b for a, b in zip(v, v[1:])), "in ascending order without repeats")
+DEVICE = Rule(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "one of auto, cpu, cuda, cuda:N")
+MANY = 1024  # threads, workers, micro-batches per step: more is a typo, and would exhaust the machine
+# Images per step and process. A split smaller than a batch is repeated to fill it (40 labels, batch 64),
+# so the data does not bound it; this does, before a typo asks the device for terabytes.
+MAX_BATCH = 2**16
+
+
+def rules(**table: Rule | tuple[Rule, ...]) -> Callable[[type], type]:
+    """Class decorator (above ``@dataclass``): the rules of a dataclass's fields, by field name.
+
+    A subclass's table extends (and may replace entries of) the one it inherits; a name that is not a
+    field is a programming error, refused at import."""
+
+    def deco(cls: type) -> type:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(table) - names)
+        if unknown:
+            raise TypeError(f"@rules on {cls.__name__}: no field named {', '.join(unknown)}")
+        merged = dict(getattr(cls, "__rules__", {}))
+        merged.update({k: v if isinstance(v, tuple) else (v,) for k, v in table.items()})
+        cls.__rules__ = merged  # type: ignore[attr-defined]
+        return cls
+
+    return deco
+
+
+def _holds(rule: Rule, value: Any) -> bool:
+    try:
+        return bool(rule.ok(value))
+    except (TypeError, ValueError):  # a value of a type the rule cannot compare is not in its range
+        return False
+
+
+def check_values(obj: Any, prefix: str = "") -> None:
+    """Raise ConfigError, naming the key, for the first field of dataclass ``obj`` that breaks its rules."""
+    table = getattr(type(obj), "__rules__", {})
+    if not table:
+        return
+    hints = typing.get_type_hints(type(obj))
+    for name, checks in table.items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        nullable = type(None) in typing.get_args(hints.get(name))
+        for rule in checks:
+            items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if rule.each else [(key, value)]
+            for where, v in items:
+                if not _holds(rule, v):
+                    alt = " or null" if nullable and not rule.each else ""
+                    why = f" ({rule.note})" if rule.note else ""
+                    raise ConfigError(f"{where} must be {rule.says}{alt}, got {v!r}{why}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the run's dataclasses
+
+
+@rules(name=NON_EMPTY, init_from=(NON_EMPTY, PATH))
 @dataclass
 class ModelConfig:
     """Which zoo model to build (any name from ``mentor list models``) and extra constructor kwargs."""
@@ -38,6 +162,15 @@ class ModelConfig:
     init_from: str | None = None  # a run directory or checkpoint whose network starts this one
 
 
+@rules(name=NON_EMPTY, root=(NON_EMPTY, PATH), test_root=(NON_EMPTY, PATH), augment=NON_EMPTY, val_size=NON_NEGATIVE,
+       split_seed=SEED, subset=COUNT.because("null keeps every training image"),
+       labels_per_class=COUNT.because("null uses every label"), label_seed=SEED,
+       unlabeled_ratio=between(0, 256, lo_open=True).because("mu: unlabelled images per labelled one"),
+       holdout_fraction=between(0, 1, lo_open=True, hi_open=True), batch_size=between(1, MAX_BATCH),
+       eval_batch_size=COUNT,
+       padding=between(0, 128).because("pixels of padding before the random crop"),
+       image_size=between(1, 4096).because("the side in pixels images are resized to"),
+       channels=Rule(lambda v: v in (1, 3), "1 or 3").because("grayscale or RGB"), num_workers=between(0, MANY))
 @dataclass
 class DataConfig:
     """The labelled training data, its validation split and the augmentation of each view.
@@ -82,8 +215,10 @@ class DataConfig:
     test_root: str | None = None
     stream: bool = False
     num_workers: int = 2
+    empty_classes: Literal["error", "skip"] = "error"  # an image_folder class folder without images
 
 
+@rules(lr=POSITIVE, momentum=DECAY, weight_decay=NON_NEGATIVE, betas=each(DECAY))
 @dataclass
 class OptimConfig:
     """Optimizer. Weight decay is not applied to norm weights and biases unless ``decay_norm_bias``."""
@@ -97,6 +232,9 @@ class OptimConfig:
     decay_norm_bias: bool = False
 
 
+@rules(warmup_steps=NON_NEGATIVE, milestones=(each(NON_NEGATIVE), ASCENDING),
+       gamma=between(0, 1, lo_open=True).because("the factor of the rate at each milestone"),
+       min_lr=NON_NEGATIVE)
 @dataclass
 class ScheduleConfig:
     """Learning-rate schedule over optimizer steps, after ``warmup_steps`` of linear warm-up.
@@ -112,6 +250,10 @@ class ScheduleConfig:
     min_lr: float = 0.0
 
 
+@rules(max_steps=COUNT, eval_every=COUNT, ckpt_every=COUNT, log_every=COUNT, seed=SEED, device=DEVICE,
+       accumulate=between(1, MANY), threads=between(1, MANY).because("null leaves torch's default"),
+       clip_grad=POSITIVE.because("the largest gradient norm; null = no clipping, a negative one would reverse "
+                                  "the gradients"))
 @dataclass
 class TrainerConfig:
     """What the engine does around the method: steps, precision, checkpoints, logging, EMA."""
@@ -131,8 +273,10 @@ class TrainerConfig:
     ema: float | None = None
     threads: int | None = None
     progress: bool = True
+    sync_bn: bool = False  # several processes: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
+@rules(out_dir=(NON_EMPTY.because("the run directory; an empty one would write into the current directory"), PATH))
 @dataclass
 class RunConfig:
     """One training run: the method with its hyper-parameters, the model, the data and the engine."""
@@ -165,25 +309,29 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert only where it is lossless."""
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
+        if isinstance(value, float) and not abs(value) <= _FLOAT32_MAX and float in typing.get_args(tp):
+            return _coerce(value, float, key)  # the float arm's message says what is wrong
         for arm in typing.get_args(tp):
             try:
                 return _coerce(value, arm, key)
-            except ConfigError as e:
-                errors.append(e)
+            except ConfigError:
+                pass
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if tp is type(None):
         if value is None:
             return None
         raise ConfigError(f"{key}: expected null, got {value!r}")
     if origin is Literal:
-        if value in typing.get_args(tp):
+        if any(value == a and type(value) is type(a) for a in typing.get_args(tp)):
             return value
         near = suggest(str(value), [str(a) for a in typing.get_args(tp)])
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}.{near}")
@@ -213,20 +361,30 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected bool (true/false), got {value!r} ({type(value).__name__})")
     if tp is int:
+        number = None
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected int, got {value!r} ({type(value).__name__})")
+            number = value
+        elif isinstance(value, float) and value.is_integer():
+            number = int(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected int, got {value!r} ({type(value).__name__})")
+        if not -(2**63) <= number < 2**63:  # the engine's counters and seeds are 64-bit
+            raise ConfigError(f"{key}: expected an integer of at most 64 bits, got {value!r}")
+        return number
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value) if abs(value) < 1e308 else math.inf  # float(10**400) would overflow
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected float, got {value!r} ({type(value).__name__})")
+        if number is None:
+            raise ConfigError(f"{key}: expected float, got {value!r} ({type(value).__name__})")
+        if not abs(number) <= _FLOAT32_MAX:  # also nan; values end up in float32 tensors
+            raise ConfigError(f"{key}: expected a finite number (at most {_FLOAT32_MAX:.3g} in size), got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -247,7 +405,9 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             near = suggest(str(key), names)
             raise ConfigError(f"unknown key {full!r}.{near} Valid keys here: {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_values(obj, prefix)
+    return obj
 
 
 def to_dict(obj: Any) -> Any:
@@ -265,17 +425,111 @@ def to_dict(obj: Any) -> Any:
 # recipes and overrides
 
 
+MAX_DEPTH = 64  # nesting of mappings and lists in one recipe; the shipped ones use 3
+
+
+class _RecipeYAMLError(yaml.YAMLError):
+    """A recipe-specific YAML problem (a key given twice, too deep), phrased for the user."""
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (plain data only: no tag builds a Python object) that also refuses a key given
+    twice in one mapping (YAML would keep the last silently), nesting deeper than :data:`MAX_DEPTH`
+    (the composer recurses: a RecursionError otherwise) and an alias inside its own anchor (a cycle)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._open: list[str | None] = []  # anchors of the collections being composed, outermost first
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent) and event.anchor in self._open:
+            raise _RecipeYAMLError(f"alias *{event.anchor} at line {line} refers to a collection that holds it "
+                                   "(a cycle); copy the values instead")
+        if len(self._open) >= MAX_DEPTH:
+            raise _RecipeYAMLError(f"nesting deeper than {MAX_DEPTH} levels at line {line}; a recipe is a few "
+                                   "levels of mappings (see recipes/)")
+        self._open.append(getattr(event, "anchor", None))
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._open.pop()
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden, by design
+                    continue
+                line = key_node.start_mark.line + 1
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: SafeLoader's own error follows
+                    continue
+                if first is not None:
+                    raise _RecipeYAMLError(f"key {key!r} is given twice in one mapping (lines {first} and "
+                                           f"{line}); keep one")
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: what PyYAML found and where (its own message spans several lines)."""
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return " ".join(" ".join(x for x in (e.context, e.problem) if x).split()) + where
+    return " ".join(str(e).split())
+
+
+def load_yaml(text: str) -> Any:
+    """Parse recipe text (one document) with :class:`RecipeLoader`."""
+    loader = RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+# UTF-32's little-endian mark starts with UTF-16's, so it is tried first.
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+         (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+
+
+def _decode(data: bytes, where: str) -> str:
+    """Recipe bytes as text: UTF-8, or UTF-8/16/32 announced by a byte-order mark."""
+    for bom, codec in _BOMS:
+        if data.startswith(bom):
+            label = codec[:6].upper()
+            try:
+                return data[len(bom):].decode(codec)
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{where} starts with a {label} byte-order mark but is not valid {label} (at "
+                                  f"byte {len(bom) + e.start}); save it as UTF-8") from None
+    if b"\0" in data:
+        raise ConfigError(f"{where} is not a text file (it holds NUL bytes: binary data, or UTF-16/32 without a "
+                          "byte-order mark); a recipe is YAML text saved as UTF-8")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save it "
+                          "as UTF-8") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """``a.b.c=value`` -> (["a","b","c"], YAML-parsed value)."""
+    """``a.b.c=value`` -> (["a","b","c"], value parsed by the recipe loader)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     key, raw = text.split("=", 1)
-    if not key or any(not part for part in key.split(".")):
-        raise ConfigError(f"override {text!r}: empty key")
+    if not key or any(not part.strip() for part in key.split(".")):
+        raise ConfigError(f"override {text!r}: empty key; write key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({e})") from None
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(e)}); quote a string "
+                          "value, e.g. key='a: b'") from None
     return key.split("."), value
 
 
@@ -297,31 +551,54 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
-    """Read a recipe file as a mapping, with a clear error for a missing file or bad YAML."""
+    """Read a recipe file as a mapping, with one clear message for a missing, unreadable, undecodable or
+    malformed file (the file named, and the line where there is one)."""
     p = Path(path)
+    where = f"recipe {str(p)!r}"
+    if p.is_dir():
+        raise ConfigError(f"{where} is a directory; give a recipe file, e.g. recipes/supervised/digits_resnet8.yaml")
     if not p.is_file():
-        raise ConfigError(f"recipe {str(p)!r} not found (see `ls recipes/*/`)")
+        raise ConfigError(f"{where} not found (see `ls recipes/*/`)")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{where} cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        recipe = load_yaml(_decode(data, where))
     except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {str(p)!r} is not valid YAML: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"recipe {str(p)!r} must be a mapping at the top level")
-    return data
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(e)}; fix the recipe there") from None
+    if recipe is None:
+        recipe = {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"{where} must be a mapping at the top level (method: ..., data: ...), got a "
+                          f"{type(recipe).__name__}")
+    return recipe
+
+
+_MINIMAL = ("a recipe names at least its method and data, e.g. `method: {name: supervised}` and "
+            "`data: {name: digits}`, and usually model, optim, schedule, trainer and out_dir (see "
+            "recipes/supervised/digits_resnet8.yaml)")
 
 
 def build_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a raw recipe mapping into a RunConfig, resolving the method's own dataclass."""
     from .methods import METHODS
     raw = dict(raw)
-    method_raw = raw.pop("method", None) or {"name": "supervised"}
-    if isinstance(method_raw, str):
+    method_raw = raw.pop("method", None)
+    if method_raw is None:  # no method given: the supervised baseline
+        method_raw = {"name": "supervised"}
+    if isinstance(method_raw, str) and method_raw.strip():
         method_raw = {"name": method_raw}
-    if not isinstance(method_raw, dict) or "name" not in method_raw:
-        raise ConfigError("method: expected a mapping with a 'name' key, e.g. {name: supervised}")
+    if not isinstance(method_raw, dict) or not method_raw:
+        raise ConfigError(f"method: expected a mapping with a 'name' key, e.g. {{name: supervised}}, got "
+                          f"{method_raw!r}")
+    if "name" not in method_raw:
+        raise ConfigError(f"method.name is missing (the method has {sorted(map(str, method_raw))}): name the "
+                          "method, e.g. method.name=supervised (`mentor list methods` lists them)")
     name = method_raw["name"]
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name: expected the name of a method (a string), got {name!r}; "
+                          "`mentor list methods` lists them")
     if name not in METHODS:
         raise ConfigError(f"method.name: unknown method {name!r}.{suggest(str(name), METHODS.names())} "
                           f"Known: {', '.join(METHODS.names())}")
@@ -334,23 +611,21 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
 
 
 def _check(cfg: RunConfig) -> None:
-    t = cfg.trainer
-    for key in ("max_steps", "eval_every", "ckpt_every", "log_every", "accumulate"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"trainer.{key} must be >= 1, got {getattr(t, key)}")
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size must be >= 1, got {cfg.data.batch_size}")
+    """What no single field can say: rules across sections, the zoo model and the machine."""
+    t, d, o, s = cfg.trainer, cfg.data, cfg.optim, cfg.schedule
     if t.ema is not None and not 0.0 < t.ema < 1.0:
-        raise ConfigError(f"trainer.ema is a decay in (0, 1), got {t.ema}")
-    d = cfg.data
-    if d.labels_per_class is not None and d.labels_per_class < 1:
-        raise ConfigError(f"data.labels_per_class must be >= 1, got {d.labels_per_class}")
+        raise ConfigError(f"trainer.ema is a decay in (0, 1), got {t.ema}; 0.999 is typical, null turns EMA off")
     if d.labels_per_class is not None and d.subset is not None:
         raise ConfigError("data.labels_per_class and data.subset both choose the labelled images: set one")
-    if not d.unlabeled_ratio > 0:
-        raise ConfigError(f"data.unlabeled_ratio (mu) must be > 0, got {d.unlabeled_ratio}")
-    if not 0.0 < d.holdout_fraction < 1.0:
-        raise ConfigError(f"data.holdout_fraction must lie in (0, 1), got {d.holdout_fraction}")
+    if o.name == "sgd" and o.nesterov and o.momentum == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0 (Nesterov's look-ahead is along the "
+                          "momentum); set optim.momentum (0.9 is usual) or optim.nesterov=false")
+    if s.min_lr > o.lr:
+        raise ConfigError(f"schedule.min_lr={s.min_lr} is above optim.lr={o.lr}: the schedule would raise the "
+                          "learning rate; set schedule.min_lr <= optim.lr (0 decays to zero)")
+    if s.warmup_steps >= t.max_steps:
+        raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be < trainer.max_steps={t.max_steps}: "
+                          "warm-up would last the whole run; lower schedule.warmup_steps (0 = none)")
     d.test_domains = [str(x) for x in d.test_domains]
     if d.domains is not None:
         d.domains = [str(x) for x in d.domains]
@@ -358,11 +633,69 @@ def _check(cfg: RunConfig) -> None:
         if both:
             raise ConfigError(f"data.domains and data.test_domains share {both}: a held-out domain is never "
                               "trained on")
+    _check_model(cfg.model)
+    _check_machine(t)
+
+
+def _check_model(m: ModelConfig) -> None:
+    """``model.kwargs`` are arguments the zoo model's factory takes, of the types it annotates where
+    those are plain (int, float, bool, str, or null). An unknown ``model.name`` is the model registry's
+    to report, with the near names."""
+    import inspect
+
+    from .models import MODELS
+
+    if m.name not in MODELS:
+        return
+    factory = MODELS.get(m.name)
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    names = [n for n in params if n not in ("num_classes", "in_channels")]
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # annotations that do not resolve: names are still checked
+        hints = {}
+    plain = {int, float, bool, str, type(None)}
+    for key, value in m.kwargs.items():
+        if key in ("num_classes", "in_channels"):
+            raise ConfigError(f"model.kwargs.{key} is set from the data; remove it")
+        if not isinstance(key, str) or not (key in params or takes_any):
+            raise ConfigError(f"model.kwargs: {m.name} takes no argument {key!r}.{suggest(str(key), names)} "
+                              f"It takes: {', '.join(names) or 'none'}")
+        tp = hints.get(key)
+        union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+        if tp in plain or (union and set(typing.get_args(tp)) <= plain):
+            m.kwargs[key] = _coerce(value, tp, f"model.kwargs.{key}")
+
+
+def _check_machine(t: TrainerConfig) -> None:
+    """CUDA asked for (``trainer.device``, ``trainer.cuda_graph``) where this machine has none."""
+    if not (t.device.startswith("cuda") or t.cuda_graph):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    why = "this torch build has no CUDA" if torch.version.cuda is None else "torch finds no usable GPU"
+    if t.device.startswith("cuda") and count == 0:
+        raise ConfigError(f"trainer.device={t.device}: CUDA is not available ({why}); use trainer.device=cpu "
+                          "or trainer.device=auto")
+    if t.device.startswith("cuda:") and int(t.device[5:]) >= count:
+        raise ConfigError(f"trainer.device={t.device}: this machine has {count} GPU(s), numbered from 0; use "
+                          f"trainer.device=cuda:0 .. cuda:{count - 1}, or cuda")
+    if t.cuda_graph and (t.device == "cpu" or count == 0):
+        run_on = "cpu" if t.device == "cpu" else f"cpu: {why}"
+        raise ConfigError(f"trainer.cuda_graph: it needs a CUDA device (the run uses {run_on}). "
+                          "Set trainer.cuda_graph=false.")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a recipe (or start from defaults), apply overrides, validate."""
+    """Read a recipe (or start from defaults, ``path=None``), apply overrides, validate.
+
+    A recipe file that sets nothing (empty, only comments, ``{}``) is refused unless overrides say what
+    to run."""
     raw = read_recipe(path) if path is not None else {}
+    if path is not None and not raw and not overrides:
+        raise ConfigError(f"recipe {str(path)!r} is empty: {_MINIMAL}")
     try:
         return build_config(apply_overrides(raw, overrides or []))
     except ConfigError as e:

@@ -69,7 +69,7 @@ def run_demo(device: str = "auto", out: str = "runs/demo", quick: bool = False) 
     base = [f"trainer.device={device}"]
     if quick:
         base += ["trainer.max_steps=20", "trainer.eval_every=20", "trainer.ckpt_every=20", "trainer.log_every=10",
-                 "data.val_size=1000"]
+                 "data.val_size=1000", "schedule.warmup_steps=0"]  # the recipes warm up longer than 20 steps
     recipe, extra = plan["teacher"]
     teacher_dir = f"{out}/teacher_{Path(recipe).stem.removeprefix('fmnist_')}"
     rows = [{"role": "teacher",

@@ -15,9 +15,18 @@ T = TypeVar("T")
 
 
 def suggest(name: str, choices: list[str] | tuple[str, ...]) -> str:
-    """A "did you mean ...?" suffix for error messages ('' when nothing is close)."""
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
-    return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    """A "did you mean ...?" suffix for error messages ('' when nothing is close).
+
+    Case is ignored (``OUT_DIR`` -> ``out_dir``, ``SGD`` -> ``sgd``); a choice that differs only in case
+    is the one suggested."""
+    folded: dict[str, str] = {}
+    for c in choices:
+        folded.setdefault(str(c).lower(), str(c))
+    key = str(name).lower()
+    if key in folded:
+        return f" Did you mean {folded[key]!r}?"
+    close = difflib.get_close_matches(key, list(folded), n=3, cutoff=0.5)
+    return f" Did you mean {', '.join(repr(folded[c]) for c in close)}?" if close else ""
 
 
 class Registry(Generic[T]):

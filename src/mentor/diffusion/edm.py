@@ -14,6 +14,7 @@ mapped back to [-1, 1], the data range of the EDM convention.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import COUNT, DECAY, MANY, POSITIVE, SEED, ConfigError, between, rules
 from ..engine import checkpoint as ckpt
 from ..methods.base import BuildInfo, Method, MethodConfig, StepContext, register_method
 from .denoisers import EDMPrecond
@@ -58,7 +59,10 @@ class EDM(Method):
     """
 
     select = ("loss_ema", "min")  # the EMA copy is the network one samples from; the raw one without EMA
+    classifier = False  # the student is a denoiser (checked in __init__)
 
+    @rules(P_std=POSITIVE, sigma_data=POSITIVE, sigma_min=POSITIVE, sigma_max=POSITIVE, label_dropout=DECAY,
+           eval_sigmas=between(1, MANY), eval_seed=SEED, eval_images=COUNT.because("null scores every image"))
     @dataclass
     class Config(MethodConfig):
         P_mean: float = -1.2
@@ -73,9 +77,15 @@ class EDM(Method):
         eval_images: int | None = None
 
     def __init__(self, cfg: Config, student: nn.Module, info: BuildInfo):
+        params = inspect.signature(student.forward).parameters
+        if "class_labels" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            raise ConfigError(f"method edm trains a denoiser F(x, c_noise, class_labels), and the model "
+                              f"{type(student).__name__} is not one; use model.name=edm_unet")
         if cfg.conditional and not getattr(student, "conditional", False):
             raise ConfigError("method.conditional: true needs a class-conditional network "
                               "(set model.kwargs.conditional: true)")
+        if not cfg.sigma_min < cfg.sigma_max:
+            raise ConfigError(f"method.sigma_min={cfg.sigma_min} must be below method.sigma_max={cfg.sigma_max}")
         if not 0.0 <= cfg.label_dropout < 1.0:
             raise ConfigError(f"method.label_dropout must be in [0, 1), got {cfg.label_dropout}")
         if cfg.eval_sigmas < 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import ConfigError
+from ..config import POSITIVE, ConfigError, rules
 from ..methods import register_method
 from ..models import stage_names
 from .fitnet import FeatureDistiller, FeatureKDConfig
@@ -22,6 +22,7 @@ class AT(FeatureDistiller):
     must have equal lengths. Weights as RepDistiller: CE 1, no KL, ``beta`` = 1000 (``-b 1000``).
     """
 
+    @rules(p=POSITIVE)
     @dataclass
     class Config(FeatureKDConfig):
         beta: float = 1000.0

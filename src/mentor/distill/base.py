@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import NON_NEGATIVE, PATH, ConfigError, each, rules
 from ..methods import BuildInfo, Method, MethodConfig
 from ..nn import train_accuracy as train_accuracy
 from .teacher import load_teacher
 
 
+@rules(ce_weight=NON_NEGATIVE, teacher=PATH)
 @dataclass
 class DistillConfig(MethodConfig):
     """``teacher``: the run directory (or checkpoint) of a `mentor train` run."""
@@ -24,6 +25,7 @@ class DistillConfig(MethodConfig):
     ce_weight: float = 1.0
 
 
+@rules(ce_weight=NON_NEGATIVE, teachers=each(PATH))
 @dataclass
 class MultiTeacherConfig(MethodConfig):
     """``teachers``: run directories (or checkpoints) of several `mentor train` runs."""

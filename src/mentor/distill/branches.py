@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from ..models import stage_names
 
 
@@ -77,8 +78,8 @@ class MultiBranchNet(nn.Module):
         stages = stage_names(model, "model to split into branches", ("pool", "fc"))
         n = len(stages) if branch_stages is None else branch_stages
         if not 1 <= n <= len(stages):
-            raise ValueError(f"branch_stages must be in 1..{len(stages)} for {type(model).__name__} "
-                             f"(stages {', '.join(stages)}), got {branch_stages}")
+            raise ConfigError(f"method.branch_stages must be in 1..{len(stages)} for {type(model).__name__} "
+                              f"(stages {', '.join(stages)}), got {branch_stages}")
         if num_branches < 1:
             raise ValueError(f"num_branches must be >= 1, got {num_branches}")
         self.trunk_names = stages[:len(stages) - n]

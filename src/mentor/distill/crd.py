@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from ..config import ConfigError
+from ..config import COUNT, DECAY, POSITIVE, ConfigError, rules
 from ..methods import register_method
 from .connectors import EmbedHead
 from .fitnet import FeatureDistiller, FeatureKDConfig
@@ -34,6 +34,7 @@ class CRD(FeatureDistiller):
     so checkpoints resume exactly. The bank is indexed by ``batch["index"]``.
     """
 
+    @rules(feat_dim=COUNT, nce_k=COUNT, nce_t=POSITIVE, nce_m=DECAY)
     @dataclass
     class Config(FeatureKDConfig):
         beta: float = 0.8

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..config import NON_NEGATIVE, POSITIVE, rules
 from ..methods import StepContext, register_method
 from ..nn import ramp
 from .base import DistillConfig
@@ -36,6 +37,7 @@ class DKD(KD):
     resnet20, resnet110 -> resnet32).
     """
 
+    @rules(alpha=NON_NEGATIVE, beta=NON_NEGATIVE, temperature=POSITIVE, warmup_epochs=NON_NEGATIVE)
     @dataclass
     class Config(DistillConfig):
         alpha: float = 1.0

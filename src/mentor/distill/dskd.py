@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import COUNT, NON_NEGATIVE, POSITIVE, ConfigError, rules
 from ..methods import BuildInfo, StepContext, register_method
 from ..models import FeatureTap, prepool_names, stage_names
 from ..nn import align_spatial, soft_kl
@@ -47,6 +47,8 @@ class DSKD(Distiller):
       training-only: :meth:`deployable` is the plain student.
     """
 
+    @rules(kd_weight=NON_NEGATIVE, temperature=POSITIVE, ds_weight=NON_NEGATIVE, feat_weight=NON_NEGATIVE,
+           weight_temperature=POSITIVE, factor=COUNT)
     @dataclass
     class Config(DistillConfig):
         kd_weight: float = 1.0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import NON_NEGATIVE, POSITIVE, ConfigError, rules
 from ..methods import BuildInfo, StepContext, register_method
 from ..models import FeatureTap, stage_names
 from ..nn import soft_kl
@@ -22,6 +22,7 @@ from .connectors import ConvRegressor, probe_shapes
 from .losses.feature import hint_loss
 
 
+@rules(kd_weight=NON_NEGATIVE, temperature=POSITIVE, beta=NON_NEGATIVE)
 @dataclass
 class FeatureKDConfig(DistillConfig):
     """Weights of the feature baselines. RepDistiller's convention for them (``train_student.py``

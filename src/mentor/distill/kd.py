@@ -7,6 +7,7 @@ from typing import Literal
 
 from torch import Tensor
 
+from ..config import NON_NEGATIVE, POSITIVE, PROBABILITY, rules
 from ..methods import StepContext, register_method
 from .base import DistillConfig, Distiller
 from .losses.logit import kd_loss, logit_mse_loss
@@ -44,6 +45,7 @@ class KD(Distiller):
     from the definitions and checked numerically in tests/test_distill_logit.py, not transcribed.
     """
 
+    @rules(kd_weight=NON_NEGATIVE, temperature=POSITIVE, label_smoothing=PROBABILITY)
     @dataclass
     class Config(DistillConfig):
         ce_weight: float = 0.1

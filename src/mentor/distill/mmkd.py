@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..config import ConfigError
+from ..config import COUNT, MANY, NON_NEGATIVE, POSITIVE, ConfigError, between, rules
 from ..methods import Phase, StepContext, register_method
 from ..nn import align_spatial, mlp
 from .losses.multi import multi_teacher_feature_loss, multi_teacher_kd_loss
@@ -56,6 +56,8 @@ class FeatureWeightNet(WeightNet):
         return super().forward(torch.cat(pooled, 1))
 
 
+@rules(meta_every=COUNT, meta_lr=POSITIVE, meta_weight_decay=NON_NEGATIVE, virtual_steps=between(1, MANY),
+       virtual_lr=POSITIVE.because("null follows the student's rate"), buffer_size=COUNT)
 @dataclass
 class MMKDConfig(FeatureMKDConfig):
     """Defaults of the MMKD README command (``-r 1 -a 1 -b 100 --hard_buffer --convs``) and code.

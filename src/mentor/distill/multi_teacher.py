@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import NON_NEGATIVE, POSITIVE, ConfigError, rules
 from ..methods import StepContext, register_method
 from ..models import FeatureTap, last_map_name
 from ..nn import conv_projector, resize_to
@@ -27,6 +27,7 @@ from .losses.multi import (
 )
 
 
+@rules(kd_weight=NON_NEGATIVE, temperature=POSITIVE)
 @dataclass
 class MultiKDConfig(MultiTeacherConfig):
     """CE 1, KD 1, T = 4: the CA-MKD code's settings (``-r 1 -a 1``, ``--kd_T 4``) for every baseline."""
@@ -89,6 +90,7 @@ class Embeds(nn.ModuleList):
         return [m(x) for m, x in zip(self, xs, strict=True)]
 
 
+@rules(feat_weight=NON_NEGATIVE)
 @dataclass
 class FeatureMKDConfig(MultiKDConfig):
     """``convs``: the 3-conv bottleneck Embed instead of conv1x1 -> BN -> ReLU."""
@@ -125,6 +127,7 @@ class FeatureMKD(AvgMKD):
         self.embeds = Embeds([Embed(f_s.shape[1], f.shape[1], self.cfg.convs) for f in f_t]).to(x.device)
 
 
+@rules(feat_warmup_epochs=NON_NEGATIVE)
 @dataclass
 class CAMKDConfig(FeatureMKDConfig):
     """Defaults of the CA-MKD README command (``-r 1 -a 1 -b 50``, ``--distill inter``).

@@ -19,13 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import COUNT, NON_NEGATIVE, POSITIVE, ConfigError, between, rules
 from ..methods import BuildInfo, Method, MethodConfig, StepContext, register_method
 from ..models.common import init_reference
 from ..nn import conv_block, soft_kl
 from .base import train_accuracy
 from .branches import Head, MultiBranchNet
 from .losses.online import diversity_loss, dml_loss, okddip_distillation, okddip_targets, rampup
+
+MAX_NETS = 64  # peers or branches: each is a copy of (part of) the student, trained together
 
 
 def _ce_sum(logits: Tensor, y: Tensor) -> Tensor:
@@ -53,6 +55,7 @@ class DML(_Online):
     forward of each peer per step instead of K), as most reimplementations do.
     """
 
+    @rules(num_peers=between(2, MAX_NETS), temperature=POSITIVE)
     @dataclass
     class Config(MethodConfig):
         num_peers: int = 2
@@ -90,6 +93,8 @@ class OKDDip(_Online):
     (with the whole target detached they would get no gradient at all).
     """
 
+    @rules(num_branches=between(3, MAX_NETS).because("at least two peers and the leader"), temperature=POSITIVE,
+           kd_weight=NON_NEGATIVE, rampup_epochs=NON_NEGATIVE, attention_factor=COUNT, branch_stages=COUNT)
     @dataclass
     class Config(MethodConfig):
         num_branches: int = 4
@@ -175,6 +180,9 @@ class MBD(_Online):
     ramp-up lambda(e) (the two papers share an author and code base).
     """
 
+    @rules(num_branches=between(2, MAX_NETS), temperature=POSITIVE, kd_weight=NON_NEGATIVE,
+           diversity_weight=NON_NEGATIVE,
+           rampup_epochs=NON_NEGATIVE, branch_stages=COUNT)
     @dataclass
     class Config(MethodConfig):
         num_branches: int = 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import NON_NEGATIVE, rules
 from ..methods import register_method
 from .fitnet import FeatureDistiller, FeatureKDConfig
 from .losses.feature import rkd_angle_loss, rkd_distance_loss
@@ -19,6 +20,7 @@ class RKD(FeatureDistiller):
     differ: only relations within each network are compared, so there is no connector.
     """
 
+    @rules(distance_weight=NON_NEGATIVE, angle_weight=NON_NEGATIVE)
     @dataclass
     class Config(FeatureKDConfig):
         beta: float = 1.0

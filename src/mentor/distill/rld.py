@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..config import POSITIVE, rules
 from ..methods import StepContext, register_method
 from .dkd import DKD, warmup_factor
 from .losses.logit import rld_loss
@@ -22,6 +23,7 @@ class RLD(DKD):
     right on every sample that setting equals DKD.
     """
 
+    @rules(scd_temperature=POSITIVE)
     @dataclass
     class Config(DKD.Config):
         scd_temperature: float = 1.0

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import COUNT, NON_NEGATIVE, POSITIVE, rules
 from ..methods import BuildInfo, StepContext, register_method
 from ..models import FeatureTap, stage_names
 from ..nn import align_spatial, conv_projector, mlp, soft_kl
@@ -56,6 +57,7 @@ class SemCKD(Distiller):
     ``embed_dim`` = 16 is the reference's width at its batch size 64 (B / 4).
     """
 
+    @rules(kd_weight=NON_NEGATIVE, temperature=POSITIVE, beta=NON_NEGATIVE, embed_dim=COUNT)
     @dataclass
     class Config(DistillConfig):
         kd_weight: float = 1.0

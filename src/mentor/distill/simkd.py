@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from ..config import COUNT, NON_NEGATIVE, POSITIVE, rules
 from ..methods import BuildInfo, StepContext, register_method
 from ..models import FeatureTap, prepool_names
 from ..nn import pool_to, soft_kl
@@ -50,6 +51,7 @@ class SimKD(Distiller):
     head; the student's own ``fc`` is unused and frozen.
     """
 
+    @rules(kd_weight=NON_NEGATIVE, feat_weight=NON_NEGATIVE, temperature=POSITIVE, factor=COUNT)
     @dataclass
     class Config(DistillConfig):
         ce_weight: float = 0.0

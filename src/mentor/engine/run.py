@@ -24,7 +24,8 @@ def load_run(path: str | Path, device: str = "auto"):
     run_dir, file = _locate(path)
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir / 'config.yaml'} not found: the checkpoint needs its run's config.yaml")
-    cfg = load_config(run_dir / "config.yaml")
+    # The run may have trained on a GPU this machine lacks: the device is this call's, not the recipe's.
+    cfg = load_config(run_dir / "config.yaml", ["trainer.device=cpu", "trainer.cuda_graph=false"])
     dev = resolve_device(device)
     splits = source_splits(cfg, METHODS.get(cfg.method.name))
     method = build_method(cfg, splits, dev, steps_per_epoch=1)

@@ -97,7 +97,11 @@ def create_method(name: str, student: nn.Module, info: BuildInfo | None = None, 
 
 @dataclass
 class MethodConfig:
-    """Base of every method's hyper-parameter dataclass; ``name`` is the registry key."""
+    """Base of every method's hyper-parameter dataclass; ``name`` is the registry key.
+
+    A method declares what its values may be with :func:`mentor.config.rules` above ``@dataclass``
+    (``@rules(temperature=POSITIVE, kd_weight=NON_NEGATIVE)``); a recipe is checked against them when
+    it is loaded, and a subclass adds to the rules of the class it extends."""
 
     name: str = ""
 
@@ -193,6 +197,22 @@ class Refresh:
     device: torch.device
 
 
+def _check_classifier(net: nn.Module, method: str) -> None:
+    """A network that needs more than the images (a diffusion denoiser's ``(x, c_noise)``) is no student
+    of a classification method: say so before the first step fails inside its forward."""
+    import inspect
+
+    from ..errors import ConfigError
+
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = inspect.signature(net.forward).parameters.values()
+    required = [p.name for p in params if p.default is p.empty and p.kind in positional]
+    if len(required) > 1:
+        raise ConfigError(f"method {method} trains a classifier net(x) -> logits, but the model "
+                          f"{type(net).__name__} takes ({', '.join(required)}); choose a classifier with model.name "
+                          "(`mentor list models`), or method.name=edm for a diffusion denoiser")
+
+
 class Method(nn.Module):
     """Base class of every method. Subclasses set ``Config`` and implement ``training_step``."""
 
@@ -201,9 +221,13 @@ class Method(nn.Module):
     method_name: ClassVar[str] = ""
     #: the validation number (a key of ``score``) that picks ``best.pt``, and "max" or "min"
     select: ClassVar[tuple[str, str]] = ("acc", "max")
+    #: the student is a classifier ``net(x) -> logits`` (False for a method that brings its own kind)
+    classifier: ClassVar[bool] = True
 
     def __init__(self, cfg: MethodConfig, student: nn.Module, info: BuildInfo):
         super().__init__()
+        if self.classifier:
+            _check_classifier(student, self.method_name or type(self).__name__)
         self.cfg = cfg
         self.student = student
         self.info = info

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import PROBABILITY, rules
 from ..nn import train_accuracy
 from .base import Method, MethodConfig, StepContext, register_method
 
@@ -16,6 +17,7 @@ class Supervised(Method):
     """Cross-entropy on the labelled batch, with optional label smoothing
     (Szegedy et al., "Rethinking the Inception Architecture for Computer Vision", 2016)."""
 
+    @rules(label_smoothing=PROBABILITY)
     @dataclass
     class Config(MethodConfig):
         label_smoothing: float = 0.0

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import NON_NEGATIVE, PROBABILITY, rules
 from ..methods import Inputs, StepContext, register_method
 from ..methods.supervised import Supervised
 from ..nn import frozen_bn_stats, ramp
@@ -27,6 +28,8 @@ class PseudoLabel(Supervised):
 
     inputs = Inputs(labeled=("weak",), unlabeled=("weak",))
 
+    @rules(p_cutoff=PROBABILITY, lambda_u=NON_NEGATIVE,
+           unsup_warmup=PROBABILITY.because("a share of trainer.max_steps"))
     @dataclass
     class Config(Supervised.Config):
         p_cutoff: float = 0.95
