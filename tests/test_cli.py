@@ -43,8 +43,12 @@ def test_unknown_key_exits_2_with_suggestion(tmp_path, capsys):
 
 
 def test_unknown_model_and_dataset_are_clear(tmp_path, capsys):
-    assert main(["train", recipe(tmp_path), f"out_dir={tmp_path / 'x'}", *TINY, "model.name=resnet9"]) == 1
-    assert "resnet8" in capsys.readouterr().err
+    assert main(["train", recipe(tmp_path), f"out_dir={tmp_path / 'x'}", *TINY, "model.name=resnet9"]) == 2
+    err = capsys.readouterr().err
+    assert "model.name" in err and "resnet8" in err
+    assert main(["train", recipe(tmp_path), f"out_dir={tmp_path / 'z'}", *TINY, "data.augment=weka"]) == 2
+    err = capsys.readouterr().err
+    assert "data.augment" in err and "'weak'" in err
     assert main(["train", recipe(tmp_path), f"out_dir={tmp_path / 'y'}", *TINY, "data.name=fmnist"]) == 1
     assert "fashion_mnist" in capsys.readouterr().err
 

@@ -355,8 +355,19 @@ def test_an_empty_recipe_says_what_a_recipe_needs(tmp_path, text):
 
 
 def test_defaults_without_a_file_still_load():
-    cfg = load_config(None, [])
-    assert cfg == load_config(None) and cfg.method.name == "supervised" and cfg.out_dir == "runs/default"
+    cfg = load_config(None, ["out_dir=runs/x"])
+    assert cfg == load_config(None, ["out_dir=runs/x"]) and cfg.method.name == "supervised"
+
+
+def test_a_recipe_without_out_dir_gets_a_directory_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_text(tmp_path, "model: {name: resnet8}\n")
+    first = load_config(recipe).out_dir
+    assert first.startswith("runs/r-") and first[len("runs/r-"):].replace("-", "").isdigit()
+    (tmp_path / first).mkdir(parents=True)
+    second = load_config(recipe).out_dir
+    assert second != first and second.startswith("runs/r-")  # never the directory of another run
+    assert load_config(None).out_dir.startswith("runs/run-")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    out_dir: str = "runs/default"
+    out_dir: str | None = None  # null: runs/<recipe name>-<date>-<time>, a directory of its own
     resume: bool = True
 
 
@@ -697,10 +697,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None and not raw and not overrides:
         raise ConfigError(f"recipe {str(path)!r} is empty: {_MINIMAL}")
     try:
-        return build_config(apply_overrides(raw, overrides or []))
+        cfg = build_config(apply_overrides(raw, overrides or []))
     except ConfigError as e:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(f"{where}{e}") from None
+    if cfg.out_dir is None:
+        cfg.out_dir = default_out_dir(path)
+    return cfg
+
+
+def default_out_dir(recipe: str | Path | None) -> str:
+    """``runs/<recipe name>-<date>-<time>`` (with a suffix where that exists): a recipe without ``out_dir``
+    trains into a directory of its own, never into another run's."""
+    import time
+
+    stem = Path(recipe).stem if recipe else "run"
+    base = f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while Path(out).exists():
+        n += 1
+        out = f"{base}-{n}"
+    return out
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -122,7 +122,7 @@ def adapt(plan: AdaptPlan, cfg: RunConfig) -> dict[str, Any]:
     t = cfg.trainer
     device = resolve_device(t.device)
     autocast = autocast_for(device, t.precision)
-    if not cfg.out_dir or cfg.out_dir == "runs/default":
+    if not cfg.out_dir:
         cfg.out_dir = _default_out(plan, cfg.method.name)
     run_dir = Path(cfg.out_dir)
 

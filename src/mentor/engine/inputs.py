@@ -15,10 +15,11 @@ from torch import Tensor
 
 from ..config import ConfigError, DataConfig
 from ..data import ArrayDataset, DeviceLoader, load_dataset, stratified_split, stratified_subset
-from ..data.augment import build_augment
+from ..data.augment import AUGMENTS, build_augment
 from ..data.stream import StreamLoader
 from ..errors import DataError
 from ..methods.base import Inputs
+from ..registry import suggest
 
 
 @dataclass
@@ -201,6 +202,9 @@ def _mix(*parts: int) -> int:
 
 def view_augment(name: str, cfg: DataConfig):
     """The augmentation of one view, with the recipe's crop padding and flip where they apply."""
+    if name not in AUGMENTS:
+        raise ConfigError(f"data.augment: unknown augmentation {name!r}.{suggest(name, AUGMENTS.names())} Known: "
+                          f"{', '.join(AUGMENTS.names())}")
     weak = {"padding": cfg.padding, "flip": cfg.flip}
     if name == "weak":
         return build_augment("weak", **weak)

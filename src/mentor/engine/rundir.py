@@ -36,17 +36,6 @@ MAY_CHANGE = ("trainer.max_steps", "trainer.eval_every", "trainer.ckpt_every", "
 RUN_FILES = ("last.pt", "best.pt", "summary.json", "metrics.jsonl", "config.yaml")
 
 
-def default_out_dir(recipe: str | Path | None) -> str:
-    """``runs/<recipe name>-<date>-<time>`` (a suffix where that exists already)."""
-    stem = Path(recipe).stem if recipe else "run"
-    base = f"runs/{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out, n = base, 1
-    while Path(out).exists():
-        n += 1
-        out = f"{base}-{n}"
-    return out
-
-
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists are leaves)."""
     if not isinstance(tree, dict):

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, RunConfig, to_dict
+from ..config import ConfigError, RunConfig, default_out_dir, to_dict
 from ..errors import CheckpointMismatchError
 from ..methods import METHODS, BuildInfo, Method, StepContext
 from ..methods.base import Refresh
@@ -106,8 +106,11 @@ def init_network(net: nn.Module, path: str, info: BuildInfo, model: str) -> None
 def build_method(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> Method:
     """The student from the zoo (or from ``model.init_from``) and the registered method around it."""
     info = build_info(cfg, splits, device, steps_per_epoch)
-    student = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
-                           **cfg.model.kwargs)
+    try:
+        student = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
+                               **cfg.model.kwargs)
+    except KeyError as e:
+        raise ConfigError(f"model.name: {e.args[0]}") from None
     if cfg.model.init_from:
         init_network(student, cfg.model.init_from, info, cfg.model.name)
     return METHODS.get(cfg.method.name)(cfg.method, student, info)
@@ -141,6 +144,8 @@ class Trainer:
         self.dist = init_distributed("cuda" if resolve_device(t.device).type == "cuda" else "cpu")
         self.device = resolve_device(t.device, self.dist)
         self.autocast = autocast_for(self.device, t.precision, cache=not t.cuda_graph)
+        if cfg.out_dir is None:
+            cfg.out_dir = default_out_dir(None)
         self.run_dir = Path(cfg.out_dir)
         torch.manual_seed(t.seed + self.dist.rank)
 

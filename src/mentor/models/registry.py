@@ -13,7 +13,8 @@ from torch import nn
 
 from mentor.registry import Registry
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+# Models registered by a family's package are found without importing it first.
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", lazy={"edm_unet": "mentor.diffusion.unet"})
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
