@@ -64,12 +64,10 @@ def test_the_ranks_batches_are_rows_of_the_one_process_batch(spec):
         assert not torch.equal(parts[0]["x_weak"], parts[1]["x_weak"])
 
 
-if "test_noise" not in AUGMENTS:
-    # An augmentation without sample_params: it can only draw for the images it is given.
-    AUGMENTS.register("test_noise")(lambda: lambda x, g: x + torch.rand(x.shape, generator=g))
-
-
-def test_an_augmentation_without_sample_params_draws_per_rank():
+def test_an_augmentation_without_sample_params_draws_per_rank(monkeypatch):
+    # An augmentation without sample_params: it can only draw for the images it is given. Registered for
+    # this test only (the registry's listing is tested elsewhere).
+    monkeypatch.setitem(AUGMENTS._entries, "test_noise", lambda: lambda x, g: x + torch.rand(x.shape, generator=g))
     x = [_inputs(Inputs(labeled=("test_noise",)), 4, r, 2)(0)["x"] for r in range(2)]
     clean = [_inputs(Inputs(labeled=("none",)), 4, r, 2)(0)["x"] for r in range(2)]
     noise = [a - b for a, b in zip(x, clean)]
