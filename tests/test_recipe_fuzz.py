@@ -169,7 +169,7 @@ def test_mutated_recipes_train_or_fail_in_one_paragraph(tmp_path_factory, mutati
 
 
 @pytest.mark.slow
-@settings(FAST, max_examples=1500)
+@settings(FAST, max_examples=300)
 @given(mutation=mutations())
 def test_many_mutated_recipes_train_or_fail_in_one_paragraph(tmp_path_factory, mutation):
     run_one(tmp_path_factory.mktemp("fuzz"), mutation, real=True)
