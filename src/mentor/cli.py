@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: teacher and student on Fashion-MNIST, one table")
     demo.add_argument("--device", default="auto")
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--out", default=None, help="run folder (default runs/demo, runs/demo-quick with --quick)")
     demo.add_argument("--quick", action="store_true", help="a few steps per row (a smoke test)")
     demo.set_defaults(func=cmd_demo)
     return p

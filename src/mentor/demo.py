@@ -53,7 +53,7 @@ def format_table(rows: list[dict]) -> str:
         lines.append([r["role"], s["model"], f"{s['params'] / 1e6:.2f}M", str(s["steps"]),
                       f"{100 * s['val_acc_best']:.2f}", f"{100 * s['test_acc_last']:.2f}",
                       f"{100 * s.get('test_acc_best', float('nan')):.2f}",
-                      f"{s['train_img_s']:,.0f}", f"{s['wall_s'] / 60:.1f}"])
+                      f"{s['train_img_s'] or float('nan'):,.0f}", f"{s['wall_s'] / 60:.1f}"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = []
     for i, row in enumerate(lines):
@@ -63,7 +63,10 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def run_demo(device: str = "auto", out: str = "runs/demo", quick: bool = False) -> list[dict]:
+def run_demo(device: str = "auto", out: str | None = None, quick: bool = False) -> list[dict]:
+    """Teacher and students on Fashion-MNIST, one table. ``quick`` runs are another recipe (a few steps),
+    so they go to their own folder (``runs/demo-quick``) and never meet the full runs'."""
+    out = out or ("runs/demo-quick" if quick else "runs/demo")
     on_gpu = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     plan = GPU_PLAN if on_gpu else CPU_PLAN
     base = [f"trainer.device={device}"]
