@@ -52,8 +52,12 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def shutdown(d: Dist) -> None:
+def shutdown(d: Dist, wait: bool = False) -> None:
+    """Leave the process group; ``wait`` first meets every rank (on success paths only: a rank that failed
+    must not wait for peers that may never arrive)."""
     if d.enabled and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -80,8 +80,10 @@ def build_info(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_e
     """Facts about the data (class count, shape, size, normalisation) a method is built for."""
     ref = splits.reference
     channels, _, width = ref.image_shape
+    pool = splits.unlabeled if splits.unlabeled is not None else splits.train  # as TrainInputs draws it
     return BuildInfo(num_classes=ref.num_classes, in_channels=channels, image_size=width,
                      train_size=len(splits.train) if splits.train is not None else 0,
+                     unlabeled_size=len(pool) if pool is not None else 0,
                      max_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, device=str(device),
                      mean=tuple(float(m) for m in ref.mean), std=tuple(float(v) for v in ref.std))
 
@@ -447,12 +449,18 @@ class Trainer:
         or nothing when that run has finished (its summary is returned). ``force`` (or ``resume: false``)
         discards what ``out_dir`` holds and starts over. Holds the directory's lock throughout."""
         rundir = RunDir(self.run_dir)
+        done = False
         try:
             with rundir.locked(self.is_main):
                 barrier(self.dist)
-                return self._fit(rundir, force or not self.cfg.resume)
+                summary = self._fit(rundir, force or not self.cfg.resume)
+                done = True
+                return summary
         finally:
-            shutdown(self.dist)
+            # The DDP wrapper's reducer holds the process group: free it while the group is alive, and let
+            # no rank tear the group down while another still uses it.
+            self.step_module = self.method
+            shutdown(self.dist, wait=done)
 
     def _prior(self, rundir: RunDir, force: bool) -> tuple[str, dict[str, Any] | None]:
         """What ``out_dir`` holds for this recipe: ("fresh"|"resume"|"finished", summary)."""
