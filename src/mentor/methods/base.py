@@ -17,7 +17,9 @@ sub-modules, so checkpoints and optimizers see them.
                             ``index`` (positions in the training split). ``"train"`` is the recipe's
                             ``data.augment``; any other name is an augmentation (``weak``, ``strong``, ``none``)
   ``unlabeled=("weak",…)``  an unlabelled batch of ``data.unlabeled_ratio * batch_size`` images:
-                            ``u`` (first view), ``u_<view>``, ``u_index``. Its labels never reach the method
+                            ``u`` (first view), ``u_<view>``, ``u_index``. Its labels never reach the method.
+                            A name listed again is another independent draw: ``("weak", "weak")`` gives
+                            ``u_weak`` and ``u_weak_1`` (any part; :func:`mentor.engine.inputs.view_keys`)
   ``domains=True``          the labelled batch drawn per training domain, ``batch_size`` images from each
                             domain in a fixed order, with ``batch["domain"]`` (the domain's position)
   ``data=False``            no data at all (data-free): the batch is empty; class count, image shape and
@@ -114,6 +116,7 @@ class BuildInfo:
     in_channels: int = 1
     image_size: int = 28
     train_size: int = 0
+    unlabeled_size: int = 0  # images in the unlabelled pool (u_index ranges over it); 0 without one
     max_steps: int = 0
     steps_per_epoch: int = 0
     device: str = "cpu"
