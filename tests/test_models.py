@@ -21,6 +21,8 @@ ZOO = [
     "wrn_16_2",
     "wrn_40_1",
     "wrn_40_2",
+    "wrn_28_2",
+    "wrn_28_8",
     *(f"vgg{d}" for d in (8, 11, 13, 16, 19)),
     "mobilenetv2",
     "shufflenetv1",
@@ -32,7 +34,7 @@ INPUTS = {"gray28": ((2, 1, 28, 28), 1, 10), "rgb32": ((2, 3, 32, 32), 3, 100)}
 
 def test_zoo_is_registered():
     assert set(ZOO) <= set(list_models())
-    assert list_models("wrn_*") == ["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
+    assert list_models("wrn_*") == ["wrn_16_1", "wrn_16_2", "wrn_28_2", "wrn_28_8", "wrn_40_1", "wrn_40_2"]
 
 
 @pytest.mark.parametrize("kind", INPUTS)
@@ -115,6 +117,47 @@ def test_resnet_parameter_count_closed_form(name, depth, widths):
     assert model_info(create_model(name, 100)) == _cifar_resnet_params(depth, widths, 100)
 
 
+def _wrn_params(depth, widen, classes, in_channels=3, bias=False):
+    """Closed form: pre-activation blocks (BN, 3x3, BN, 3x3), a 1x1 projection where the width or the
+    stride changes, the final BN and the classifier; ``bias`` adds one per conv output channel."""
+    n = (depth - 4) // 6
+    b = int(bias)
+    total = 9 * in_channels * 16 + b * 16
+    cin = 16
+    for w in (16 * widen, 32 * widen, 64 * widen):
+        for j in range(n):
+            c = cin if j == 0 else w
+            total += 2 * c + 9 * c * w + b * w + 2 * w + 9 * w * w + b * w
+            if c != w:  # a projection where the width changes (the first block of a stage)
+                total += c * w + b * w
+        cin = w
+    return total + 2 * cin + cin * classes + classes
+
+
+@pytest.mark.parametrize("name,depth,widen,bias", [("wrn_16_2", 16, 2, False), ("wrn_40_1", 40, 1, False),
+                                                   ("wrn_28_2", 28, 2, True), ("wrn_28_8", 28, 8, True)])
+def test_wrn_parameter_count_closed_form(name, depth, widen, bias):
+    assert model_info(create_model(name, 10)) == _wrn_params(depth, widen, 10, bias=bias)
+    assert model_info(create_model(name, 10, in_channels=1)) == _wrn_params(depth, widen, 10, 1, bias=bias)
+
+
+def test_ssl_wrn_has_the_fixmatch_usb_form():
+    # WRN-28-2: "1.5M parameters" (FixMatch, 2020); 4 blocks per stage at widths 32/64/128.
+    model = create_model("wrn_28_2", 10)
+    assert model_info(model) == pytest.approx(1.5e6, rel=0.03)
+    assert [len(getattr(model, s)) for s in ("layer1", "layer2", "layer3")] == [4, 4, 6]  # layer3 + BN, act
+    assert [getattr(model, s)[0].conv2.out_channels for s in ("layer1", "layer2", "layer3")] == [32, 64, 128]
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    acts = [m for m in model.modules() if isinstance(m, (nn.ReLU, nn.LeakyReLU))]
+    assert bns and all(m.momentum == 0.001 and m.eps == 1e-3 for m in bns)
+    assert acts and all(isinstance(m, nn.LeakyReLU) and m.negative_slope == 0.1 for m in acts)
+    assert all(m.bias is not None for m in model.modules() if isinstance(m, nn.Conv2d))
+    # The distillation zoo's WRN keeps ReLU and PyTorch's BN defaults.
+    kd = create_model("wrn_16_2", 10)
+    assert all(m.momentum == 0.1 for m in kd.modules() if isinstance(m, nn.BatchNorm2d))
+    assert not any(isinstance(m, nn.LeakyReLU) for m in kd.modules())
+
+
 def test_vgg13_parameter_count_by_hand():
     convs = (
         [(3, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256)] + [(256, 512)] + [(512, 512)] * 3
@@ -181,11 +224,13 @@ def test_tap_pre_activation_relu_gives_feature(name):
     with torch.no_grad():
         model(torch.randn(2, 1, 28, 28))
     for stage in model.stage_names:
-        # Either the stage ends in a ReLU (then relu(pre) == post) or it has none (then pre is post).
+        # Either the stage ends in a ReLU (then relu(pre) == post; a leaky ReLU of slope 0.1 for the
+        # semi-supervised WRNs) or it has none (then pre is post).
         if pre.sources[stage].startswith("output"):
             assert torch.equal(pre[stage], post[stage]), stage
         else:
-            assert torch.equal(pre[stage].clamp(min=0), post[stage]), stage
+            slope = 0.1 if name.startswith("wrn_28") else 0.0
+            assert torch.equal(torch.where(pre[stage] > 0, pre[stage], slope * pre[stage]), post[stage]), stage
             assert (pre[stage] < 0).any(), f"{stage}: pre-activation map has no negative entry"
     finals = [s for s in model.stage_names if pre.sources[s].startswith("input")]
     assert finals, "no stage exposes a final activation"

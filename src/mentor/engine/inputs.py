@@ -213,11 +213,30 @@ def view_augment(name: str, cfg: DataConfig):
     return build_augment(name)
 
 
+def view_keys(prefix: str, names: tuple[str, ...] | list[str]) -> list[str]:
+    """The batch keys of one part's views: ``<prefix>_<name>``, and for a name listed again its
+    occurrence number, ``<prefix>_<name>_<k>`` (``("weak", "weak")`` -> ``u_weak``, ``u_weak_1``).
+
+    Every view is its own draw (its generator is seeded with its position), so a name listed twice
+    gives two independent views of the same images (the Pi-model's and Mean Teacher's two weak
+    views, MixMatch's K augmentations)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for name in names:
+        k = seen.get(name, 0)
+        seen[name] = k + 1
+        keys.append(f"{prefix}_{name}" if k == 0 else f"{prefix}_{name}_{k}")
+    if len(set(keys)) != len(keys):
+        raise ConfigError(f"the views {list(names)} give the batch keys {keys}, some twice: rename a view")
+    return keys
+
+
 class _Part:
     """One stream of the batch: a loader (or one per domain) and the views made of its images."""
 
     def __init__(self, loaders: list, views: list, prefix: str, tag: int):
         self.loaders, self.views, self.prefix, self.tag = loaders, views, prefix, tag
+        self.keys = view_keys(prefix, [name for name, _ in views])
 
     @property
     def steps_per_epoch(self) -> int:
@@ -229,7 +248,8 @@ class TrainInputs:
 
     Labelled views are ``x_<view>`` (``x`` the first), with ``y`` and ``index``; unlabelled views are
     ``u_<view>`` (``u`` the first) with ``u_index``, and the unlabelled batch's true labels under
-    ``_u_y`` (the engine moves them into ``ctx`` for diagnostics; the method never sees them). With
+    ``_u_y`` (the engine moves them into ``ctx`` for diagnostics; the method never sees them). A view
+    name listed again is another independent draw, keyed ``u_<view>_1``, ... (:func:`view_keys`). With
     ``Inputs(domains=True)`` the labelled batch is ``batch_size`` images from each training domain in
     order, with ``domain``.
 
@@ -335,12 +355,12 @@ class TrainInputs:
                     batch["domain"] = domain
             else:
                 batch.update(u_index=index, _u_y=y)
-            for i, (name, aug) in enumerate(part.views):
+            for i, ((_, aug), key) in enumerate(zip(part.views, part.keys)):
                 x = self._augment(aug, x_u8.float().div_(255.0), part, step, i)
                 x = (x - self.mean) / self.std
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                batch[f"{part.prefix}_{name}"] = x
+                batch[key] = x
                 if i == 0:
                     batch[part.prefix] = x
         return batch

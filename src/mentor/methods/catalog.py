@@ -29,6 +29,19 @@ BUILTIN: dict[str, str] = {
     "mbd": "mentor.distill.online",
     # semi-supervised learning
     "pseudo_label": "mentor.semi.pseudo_label",
+    "fixmatch": "mentor.semi.fixmatch",
+    "flexmatch": "mentor.semi.flexmatch",
+    "freematch": "mentor.semi.freematch",
+    "softmatch": "mentor.semi.softmatch",
+    "dash": "mentor.semi.dash",
+    "uda": "mentor.semi.uda",
+    "adamatch": "mentor.semi.adamatch",
+    "defixmatch": "mentor.semi.defixmatch",
+    "pi_model": "mentor.semi.pi_model",
+    "mean_teacher": "mentor.semi.mean_teacher",
+    "vat": "mentor.semi.vat",
+    "mixmatch": "mentor.semi.mixmatch",
+    "remixmatch": "mentor.semi.remixmatch",
     # domain generalisation
     "erm": "mentor.generalize.erm",
     # test-time adaptation

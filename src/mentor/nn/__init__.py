@@ -2,10 +2,25 @@
 projectors, ...)."""
 
 from .align import align_spatial, pool_to, resize_to
+from .distalign import DistAlignEMA
 from .kl import entropy, kl_div, soft_kl, train_accuracy
+from .masking import (
+    DashThreshold,
+    FixedThreshold,
+    FlexThreshold,
+    FreeMatchThreshold,
+    SoftMatchWeight,
+    freematch_fairness,
+    relative_threshold,
+    step_tensor,
+)
+from .mixing import mixup, sharpen, step_generator, vat_perturbation
 from .norm import bn_layers, frozen_bn_stats, use_batch_stats
 from .projectors import conv_block, conv_projector, mlp
 from .ramp import ramp
 
-__all__ = ["align_spatial", "bn_layers", "conv_block", "conv_projector", "entropy", "frozen_bn_stats", "kl_div", "mlp",
-           "pool_to", "ramp", "resize_to", "soft_kl", "train_accuracy", "use_batch_stats"]
+__all__ = ["align_spatial", "bn_layers", "conv_block", "conv_projector", "entropy", "frozen_bn_stats", "kl_div",
+           "mixup", "mlp", "pool_to", "ramp", "resize_to", "sharpen", "soft_kl", "step_generator", "train_accuracy",
+           "use_batch_stats", "vat_perturbation"]
+__all__ += ["DashThreshold", "DistAlignEMA", "FixedThreshold", "FlexThreshold", "FreeMatchThreshold", "SoftMatchWeight",
+            "freematch_fairness", "relative_threshold", "step_tensor"]
