@@ -393,6 +393,17 @@ def test_labels_per_class_and_subset_larger_than_the_data_name_the_key():
         digits_data("data.subset=5000")
 
 
+def test_a_semi_supervised_method_without_unlabelled_images_names_the_key(tmp_path):
+    pytest.importorskip("sklearn")
+    from mentor.engine import Trainer
+
+    with pytest.raises(ConfigError, match=r"method\.name=fixmatch learns from unlabelled images.*"
+                                          r"data\.labels_per_class=not set.*set data\.labels_per_class=N"):
+        Trainer(load_config(None, ["data.name=digits", "data.val_size=200", "method.name=fixmatch",
+                                   f"out_dir={tmp_path}"]))
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
 def test_a_subset_smaller_than_a_batch_is_repeated_to_fill_it():
     import torch
 

@@ -81,6 +81,34 @@ def make(n: int = 50, **kw):
     return DeviceLoader(images, labels, **kw), labels
 
 
+def test_long_tailed_subset_keeps_the_exponential_profile():
+    from mentor.data.splits import long_tailed_subset
+
+    labels = torch.arange(5).repeat_interleave(torch.tensor([40, 50, 60, 45, 41]))  # smallest class: 40
+    pos = long_tailed_subset(labels, 16.0, seed=3)
+    # 40 * 16 ** (-c / 4) = 40, 20, 10, 5, 2.5 -> floor
+    assert torch.bincount(labels[pos]).tolist() == [40, 20, 10, 5, 2]
+    assert torch.equal(pos, long_tailed_subset(labels, 16.0, seed=3)) and torch.equal(pos, pos.sort().values)
+    assert not torch.equal(pos, long_tailed_subset(labels, 16.0, seed=4))
+    assert torch.bincount(labels[long_tailed_subset(labels, 1e6, seed=0)]).tolist() == [40, 1, 1, 1, 1]
+    with pytest.raises(ValueError, match="imbalance must be >= 1"):
+        long_tailed_subset(labels, 0.5, seed=0)
+
+
+def test_unlabeled_imbalance_shapes_only_the_pool():
+    pytest.importorskip("sklearn")
+    from mentor.config import ConfigError, load_config
+    from mentor.engine.inputs import load_splits
+
+    s = load_splits(load_config(None, ["data.name=digits", "data.val_size=200", "data.labels_per_class=4",
+                                       "data.unlabeled_imbalance=10"]).data)
+    assert torch.bincount(s.train.labels).tolist() == [4] * 10
+    counts = torch.bincount(s.unlabeled.labels)
+    assert counts[0] == 97 and counts[-1] == 9  # smallest class of the 998 training digits: 97
+    with pytest.raises(ConfigError, match="data.unlabeled_imbalance=10.0 shapes the unlabelled pool"):
+        load_config(None, ["data.name=digits", "data.unlabeled_imbalance=10"])
+
+
 def test_batch_matches_its_indices():
     loader, labels = make(batch_size=8, seed=0)
     x, y = loader.batch(3)

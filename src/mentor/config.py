@@ -166,6 +166,7 @@ class ModelConfig:
        split_seed=SEED, subset=COUNT.because("null keeps every training image"),
        labels_per_class=COUNT.because("null uses every label"), label_seed=SEED,
        unlabeled_ratio=between(0, 256, lo_open=True).because("mu: unlabelled images per labelled one"),
+       unlabeled_imbalance=at_least(1).because("largest over smallest class of the unlabelled pool; null = as is"),
        holdout_fraction=between(0, 1, lo_open=True, hi_open=True), batch_size=between(1, MAX_BATCH),
        eval_batch_size=COUNT,
        padding=between(0, 128).because("pixels of padding before the random crop"),
@@ -182,6 +183,9 @@ class DataConfig:
     ``label_seed``, the fold); a method that consumes unlabelled data then gets the whole training
     split (labelled images included, as in FixMatch and USB) as its unlabelled pool, in batches of
     ``unlabeled_ratio * batch_size``. A labelled split smaller than a batch is repeated to fill it.
+    ``unlabeled_imbalance`` (e.g. 100) makes that pool long-tailed while the labels stay balanced (the
+    mismatched regime): class ``c`` keeps ``n * imbalance ** (-c / (C - 1))`` images, ``n`` the smallest
+    class's count (:func:`mentor.data.splits.long_tailed_subset`, seeded by ``label_seed``).
 
     Domains: ``name`` may be a domain set (``rotated_fmnist``, ``digits_domains``, ``domain_folder``,
     ``domain_list``); ``test_domains`` are held out (reported one by one, with their mean and worst),
@@ -202,6 +206,7 @@ class DataConfig:
     labels_per_class: int | None = None
     label_seed: int = 0
     unlabeled_ratio: float = 7.0
+    unlabeled_imbalance: float | None = None
     domains: list[str | int] | None = None
     test_domains: list[str | int] = field(default_factory=list)
     holdout_fraction: float = 0.2
@@ -617,6 +622,9 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(f"trainer.ema is a decay in (0, 1), got {t.ema}; 0.999 is typical, null turns EMA off")
     if d.labels_per_class is not None and d.subset is not None:
         raise ConfigError("data.labels_per_class and data.subset both choose the labelled images: set one")
+    if d.unlabeled_imbalance is not None and d.labels_per_class is None:
+        raise ConfigError(f"data.unlabeled_imbalance={d.unlabeled_imbalance} shapes the unlabelled pool, and there "
+                          "is none: every image is labelled; set data.labels_per_class=N as well")
     if o.name == "sgd" and o.nesterov and o.momentum == 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0 (Nesterov's look-ahead is along the "
                           "momentum); set optim.momentum (0.9 is usual) or optim.nesterov=false")

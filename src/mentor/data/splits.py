@@ -57,7 +57,13 @@ def _pick(labels: np.ndarray, size: int | float, seed: int, what: str) -> np.nda
     if n == 0 or total == 0:
         return np.zeros(n, dtype=bool)
     counts = np.bincount(labels)
-    quota = _per_class_quota(counts, total)
+    return _pick_quota(labels, _per_class_quota(counts, total), seed)
+
+
+def _pick_quota(labels: np.ndarray, quota: np.ndarray, seed: int) -> np.ndarray:
+    """Boolean mask keeping ``quota[c]`` random positions of each class ``c``."""
+    n = labels.size
+    counts = np.bincount(labels, minlength=len(quota))
     # RandomState's stream is frozen by NumPy's compatibility policy (NEP 19), so a split made today
     # is the same split after any NumPy upgrade; Generator streams carry no such promise.
     perm = np.random.RandomState(seed).permutation(n)
@@ -93,3 +99,17 @@ def stratified_subset(labels: LabelsLike, size: int | float, seed: int) -> torch
     """
     arr = _as_numpy(labels)
     return torch.from_numpy(np.flatnonzero(_pick(arr, size, seed, "size")))
+
+
+def long_tailed_subset(labels: LabelsLike, imbalance: float, seed: int) -> torch.Tensor:
+    """Sorted positions of a long-tailed subset: class ``c`` (of ``C``) keeps
+    ``floor(n * imbalance ** (-c / (C - 1)))`` random images, where ``n`` is the smallest class's count,
+    so class 0 keeps ``n`` and the last class ``n / imbalance`` (at least one). The exponential profile
+    of the class-imbalanced SSL literature (DARP, CReST, RDA's mismatched settings)."""
+    arr = _as_numpy(labels)
+    counts = np.bincount(arr)
+    if imbalance < 1:
+        raise ValueError(f"imbalance must be >= 1 (largest over smallest class), got {imbalance}")
+    c = np.arange(len(counts))
+    quota = np.maximum(1, np.floor(counts.min() * float(imbalance) ** (-c / max(1, len(counts) - 1))))
+    return torch.from_numpy(np.flatnonzero(_pick_quota(arr, quota.astype(np.int64), seed)))

@@ -16,6 +16,7 @@ from torch import Tensor
 from ..config import ConfigError, DataConfig
 from ..data import ArrayDataset, DeviceLoader, load_dataset, stratified_split, stratified_subset
 from ..data.augment import AUGMENTS, build_augment
+from ..data.splits import long_tailed_subset
 from ..data.stream import StreamLoader
 from ..errors import DataError
 from ..methods.base import Inputs
@@ -106,6 +107,16 @@ def _labelled_positions(labels: Tensor, cfg: DataConfig) -> Tensor:
     return torch.arange(len(labels))
 
 
+def _unlabeled_pool(train: ArrayDataset, labelled: int, cfg: DataConfig) -> ArrayDataset | None:
+    """The unlabelled pool: the whole training part (labelled images included), long-tailed with
+    ``data.unlabeled_imbalance``; None when every image is labelled."""
+    if labelled >= len(train):
+        return None
+    if cfg.unlabeled_imbalance is None:
+        return train
+    return train.subset(long_tailed_subset(train.labels, cfg.unlabeled_imbalance, seed=cfg.label_seed))
+
+
 def _domain_splits(cfg: DataConfig, domain_set) -> Splits:
     """Training domains split into (train, holdout); held-out domains are the test splits."""
     names = domain_set.names()
@@ -130,7 +141,7 @@ def _domain_splits(cfg: DataConfig, domain_set) -> Splits:
     val = _concat(holdouts, first, f"{cfg.name}:holdout")
     test_sets = {n: domain_set.domains[n] for n in tests}
     return Splits(train=pooled.subset(keep), val=val, test=next(iter(test_sets.values())),
-                  train_index=keep, unlabeled=pooled if len(keep) < len(pooled) else None,
+                  train_index=keep, unlabeled=_unlabeled_pool(pooled, len(keep), cfg),
                   domains=parts, tests=test_sets)
 
 
@@ -166,7 +177,7 @@ def load_splits(cfg: DataConfig) -> Splits:
     else:
         tr_idx, va_idx = torch.arange(len(full.labels)), torch.arange(0)
     keep = _labelled_positions(full.labels[tr_idx], cfg)
-    unlabeled = full.subset(tr_idx) if len(keep) < len(tr_idx) and not cfg.stream else None
+    unlabeled = _unlabeled_pool(full.subset(tr_idx), len(keep), cfg) if not cfg.stream else None
     tr_idx = tr_idx[keep]
     return Splits(train=full.subset(tr_idx), val=full.subset(va_idx), test=test, train_index=tr_idx,
                   unlabeled=unlabeled)

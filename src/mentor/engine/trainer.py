@@ -153,6 +153,13 @@ class Trainer:
 
         method_cls = METHODS.get(cfg.method.name)
         self.splits = splits if splits is not None else source_splits(cfg, method_cls)
+        if method_cls.inputs.unlabeled and self.splits.unlabeled is None:
+            raise ConfigError(
+                f"method.name={cfg.method.name} learns from unlabelled images, but every training image of "
+                f"{cfg.data.name} is labelled (data.labels_per_class="
+                f"{'not set' if cfg.data.labels_per_class is None else cfg.data.labels_per_class}): set "
+                f"data.labels_per_class=N to keep N labels per class, and the training split, unlabelled, becomes "
+                f"its unlabelled stream; or choose a supervised method")
         self.inputs = TrainInputs(self.splits, cfg.data, method_cls.inputs, t.seed, self.dist.rank,
                                   self.dist.world_size, self.device, t.channels_last)
         # The student's initial weights depend on the seed only, not on the rank: every rank and
