@@ -28,9 +28,7 @@ from torch import nn
 
 from mentor.config import ConfigError, load_config
 from mentor.engine import Trainer
-from mentor.methods import METHODS, BuildInfo, StepContext, load_builtin_methods
-
-load_builtin_methods()
+from mentor.methods import METHODS, BuildInfo, StepContext
 
 C, B, N, POOL, MAX_STEPS = 4, 6, 12, 30, 10
 INFO = BuildInfo(num_classes=C, in_channels=1, image_size=2, unlabeled_size=POOL)
@@ -326,3 +324,15 @@ def test_learns_the_digits_from_four_labels_per_class(tmp_path, name):
         "data.unlabeled_ratio=2", "optim.lr=0.05", "trainer.max_steps=200", "trainer.eval_every=200",
         "trainer.ckpt_every=200", "trainer.log_every=50", "trainer.progress=false", *extra])).fit()
     assert summary["test_acc_last"] > 0.6
+
+
+def test_eval_reports_the_raw_network_and_its_ema_copy(tmp_path):
+    from mentor.engine.run import evaluate_run
+
+    run = tmp_path / "run"
+    summary = Trainer(load_config(None, [f"out_dir={run}", "method.name=fixmatch", *DDP_RUN, "data.batch_size=8",
+                                         "trainer.ema=0.9"]), splits=None).fit()
+    for ckpt_name in ("last.pt", "best.pt"):
+        out = evaluate_run(run / ckpt_name, device="cpu")
+        assert out["test_acc"] == pytest.approx(summary["test_acc_last"])
+        assert out["test_acc_ema"] == pytest.approx(summary["test_acc_ema_last"])

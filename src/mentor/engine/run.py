@@ -47,7 +47,23 @@ def load_run(path: str | Path, device: str = "auto"):
     else:
         raise ckpt.CheckpointError(f"{file} holds neither 'method' nor 'model' weights")
     method.eval()
+    method._checkpoint_ema = state.get("ema")  # the EMA copy's weights, when the run kept one
     return cfg, method, splits, file, state.get("step")
+
+
+def ema_network(method) -> Any:
+    """The deployable network with the EMA weights of the loaded checkpoint, or None without them
+    (``last.pt`` stores the EMA module's state, ``best.pt`` its network's)."""
+    state = getattr(method, "_checkpoint_ema", None)
+    if state is None:
+        return None
+    import copy
+
+    net = copy.deepcopy(method.deployable())
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    net.load_state_dict(state)
+    return net.eval()
 
 
 def evaluate_run(path: str | Path, device: str = "auto") -> dict[str, Any]:
@@ -60,8 +76,11 @@ def evaluate_run(path: str | Path, device: str = "auto") -> dict[str, Any]:
     out: dict[str, Any] = {"checkpoint": str(file), "step": step}
     named = [("val", splits.val)] + [("test" if name == "test" else f"test@{name}", split)
                                      for name, split in splits.test_splits().items()]
+    ema = ema_network(method)
     for prefix, split in named:
         base, at, name = prefix.partition("@")
         out.update({f"{base}_{k}{at}{name}": v for k, v in method.score(method.deployable(), split, ev).items()})
+        if ema is not None:
+            out.update({f"{base}_{k}_ema{at}{name}": v for k, v in method.score(ema, split, ev).items()})
     out["params"] = sum(p.numel() for p in method.deployable().parameters())
     return out
