@@ -18,9 +18,11 @@ from .mixing import mixup, sharpen, step_generator, vat_perturbation
 from .norm import bn_layers, frozen_bn_stats, use_batch_stats
 from .projectors import conv_block, conv_projector, mlp
 from .ramp import ramp
+from .transitions import ClassTransitions, class_similarity, kmedoids
 
 __all__ = ["align_spatial", "bn_layers", "conv_block", "conv_projector", "entropy", "frozen_bn_stats", "kl_div",
            "mixup", "mlp", "pool_to", "ramp", "resize_to", "sharpen", "soft_kl", "step_generator", "train_accuracy",
            "use_batch_stats", "vat_perturbation"]
 __all__ += ["DashThreshold", "DistAlignEMA", "FixedThreshold", "FlexThreshold", "FreeMatchThreshold", "SoftMatchWeight",
             "freematch_fairness", "relative_threshold", "step_tensor"]
+__all__ += ["ClassTransitions", "class_similarity", "kmedoids"]
