@@ -8,6 +8,7 @@ returns logits only. Features are taken with :class:`FeatureTap` (forward hooks 
 
 from . import mobilenetv2, resnet, shufflenet, vgg, wrn  # noqa: F401  (importing registers the models)
 from .common import StagedNet
+from .penultimate import PenultimateTap, classifier_path
 from .registry import MODELS, create_model, list_models, model_info, register_model
 from .stages import StageError, last_map_name, prepool_names, stage_names
 from .tap import FeatureTap, final_activation, strip_taps
@@ -15,6 +16,8 @@ from .tap import FeatureTap, final_activation, strip_taps
 __all__ = [
     "MODELS",
     "FeatureTap",
+    "PenultimateTap",
+    "classifier_path",
     "strip_taps",
     "StagedNet",
     "StageError",

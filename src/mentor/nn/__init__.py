@@ -2,7 +2,7 @@
 projectors, ...)."""
 
 from .align import align_spatial, pool_to, resize_to
-from .distalign import DistAlignEMA
+from .distalign import DistAlignEMA, DistAlignQueue, reciprocal_alignment
 from .kl import entropy, kl_div, soft_kl, train_accuracy
 from .masking import (
     DashThreshold,
@@ -26,3 +26,4 @@ __all__ = ["align_spatial", "bn_layers", "conv_block", "conv_projector", "entrop
 __all__ += ["DashThreshold", "DistAlignEMA", "FixedThreshold", "FlexThreshold", "FreeMatchThreshold", "SoftMatchWeight",
             "freematch_fairness", "relative_threshold", "step_tensor"]
 __all__ += ["ClassTransitions", "class_similarity", "kmedoids"]
+__all__ += ["DistAlignQueue", "reciprocal_alignment"]
