@@ -42,6 +42,14 @@ BUILTIN: dict[str, str] = {
     "vat": "mentor.semi.vat",
     "mixmatch": "mentor.semi.mixmatch",
     "remixmatch": "mentor.semi.remixmatch",
+    "simmatch": "mentor.semi.simmatch",
+    "comatch": "mentor.semi.comatch",
+    "unimatch": "mentor.semi.unimatch",
+    "shrinkmatch": "mentor.semi.shrinkmatch",
+    "mutexmatch": "mentor.semi.mutexmatch",
+    "rda": "mentor.semi.rda",
+    "soc": "mentor.semi.soc",
+    "rkd_unlabeled": "mentor.semi.rkd_unlabeled",
     # domain generalisation
     "erm": "mentor.generalize.erm",
     # test-time adaptation

@@ -14,6 +14,7 @@ from .masking import (
     relative_threshold,
     step_tensor,
 )
+from .memory import EmbeddingHead, FeatureQueue, LabeledMemoryBank, similarity
 from .mixing import mixup, sharpen, step_generator, vat_perturbation
 from .norm import bn_layers, frozen_bn_stats, use_batch_stats
 from .projectors import conv_block, conv_projector, mlp
@@ -27,3 +28,4 @@ __all__ += ["DashThreshold", "DistAlignEMA", "FixedThreshold", "FlexThreshold", 
             "freematch_fairness", "relative_threshold", "step_tensor"]
 __all__ += ["ClassTransitions", "class_similarity", "kmedoids"]
 __all__ += ["DistAlignQueue", "reciprocal_alignment"]
+__all__ += ["EmbeddingHead", "FeatureQueue", "LabeledMemoryBank", "similarity"]

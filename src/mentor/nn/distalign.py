@@ -82,6 +82,9 @@ class DistAlignQueue(nn.Module):
     2023, with a queue of 32; USB's ``DistAlignQueueHook`` keeps the same kind of queue). :meth:`push` alone
     keeps the queue for other uses (RDA's reciprocal alignment, :func:`reciprocal_alignment`).
 
+    ``eps`` (USB's ``1e-6`` in SimMatch and CoMatch) is added to the uniform target ``1/C`` and to the
+    queue's mean, ``Normalize(p * (1/C + eps) / (mean_t Q[t] + eps))``; without it the ``1/C`` cancels.
+
     The queue starts filled with ``init``: ShrinkMatch's zeros (then ``mean_t Q[t]`` is the mean of the
     pushed entries times a constant, which the row normalisation cancels, so the alignment uses exactly the
     batches seen so far) or RDA's ones (which weigh in until overwritten). State (``queue``, ``ptr``) is
@@ -89,11 +92,11 @@ class DistAlignQueue(nn.Module):
     DDP ranks, as the references all-reduce it.
     """
 
-    def __init__(self, num_classes: int, length: int, init: float = 0.0):
+    def __init__(self, num_classes: int, length: int, init: float = 0.0, eps: float = 0.0):
         super().__init__()
         if length < 1:
             raise ValueError(f"distribution-alignment queue length must be >= 1, got {length}")
-        self.num_classes, self.length = num_classes, length
+        self.num_classes, self.length, self.eps = num_classes, length, eps
         self.register_buffer("queue", torch.full((length, num_classes), float(init)))
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.long))
 
@@ -109,7 +112,11 @@ class DistAlignQueue(nn.Module):
 
     def forward(self, probs: Tensor) -> Tensor:
         self.push(probs)
-        aligned = probs / self.mean().to(probs.dtype)
+        if self.eps:
+            # USB's DistAlignQueueHook (SimMatch, CoMatch): Normalize(p * (1/C + eps) / (mean Q + eps))
+            aligned = probs * (1.0 / self.num_classes + self.eps) / (self.mean().to(probs.dtype) + self.eps)
+        else:
+            aligned = probs / self.mean().to(probs.dtype)
         return aligned / aligned.sum(1, keepdim=True)
 
 
