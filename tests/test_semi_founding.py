@@ -533,6 +533,7 @@ def _ddp_data():
             for _ in range(4)]
 
 
+@pytest.mark.slow  # two spawned processes: about 10-25 s on 2 cores
 def test_ddp_ranks_align_as_one_process_with_the_global_batch(tmp_path):
     mp.spawn(_ddp_queue_worker, args=(2, free_port(), str(tmp_path / "r")), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"r.{r}", weights_only=True) for r in range(2)]

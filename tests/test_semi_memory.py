@@ -497,6 +497,7 @@ def _ddp_worker(rank, world, port, out, splits):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: about 10-25 s on 2 cores
 def test_ddp_ranks_hold_the_memory_of_one_process_with_the_global_batch(tmp_path):
     import torch.multiprocessing as mp
     from _helpers import free_port

@@ -288,6 +288,7 @@ def _ddp_methods_worker(rank, world, port, out, splits):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes: about 10-25 s on 2 cores
 def test_ddp_two_ranks_train_as_one_process(tmp_path):
     import torch.multiprocessing as mp
     from _helpers import free_port
