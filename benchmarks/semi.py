@@ -70,6 +70,11 @@ PLANS = {
         # and the mismatched regime for RDA's claim
         "regimes": {"4": "all", "25": "core", "400": "core", "lt": "lt"},
     },
+    # 2 CPU cores, four times longer, 40 labels only: the floor, FixMatch and the founding methods.
+    "cpu-long": {
+        "model": "resnet8", "batch_size": 16, "mu": 2, "steps": 1200, "ema": 0.99, "val_size": 500,
+        "eval_batch": 256, "threads": 1, "jobs": 2, "regimes": {"4": "core"},
+    },
     # One GPU: the literature's SSL network, long enough for the accuracies to settle.
     "gpu": {
         "model": "wrn_28_2", "batch_size": 64, "mu": 7, "steps": 20000, "ema": 0.999, "val_size": 500,
