@@ -60,7 +60,7 @@ def test_eval_of_a_non_run_is_clear(tmp_path, capsys):
 
 def test_list_and_data_info(capsys):
     assert main(["list", "models", "wrn*"]) == 0
-    assert capsys.readouterr().out.split() == ["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
+    assert capsys.readouterr().out.split() == ["wrn_16_1", "wrn_16_2", "wrn_28_2", "wrn_28_8", "wrn_40_1", "wrn_40_2"]
     assert main(["list", "methods"]) == 0
     assert "supervised" in capsys.readouterr().out.split()
     assert main(["data", "info", "digits"]) == 0
