@@ -5,7 +5,6 @@ several steps of queue and moving-average state (with wrap-around), checkpoint r
 synchronisation in a step, the gradient paths of the reference code, and real runs on the UCI digits."""
 
 import copy
-import json
 import math
 
 import pytest
@@ -14,6 +13,7 @@ import torch.multiprocessing as mp
 from _helpers import BNNet, fit_until_signal, free_port, torchrun_env  # noqa: F401  (registers test_bncnn)
 from _nosync import NoHostSync
 from _ssl_reference import argmax, ce, col_mean, softmax
+from _ssl_runs import RUN, resumes_bitwise
 from torch import nn
 
 import mentor.semi.rda as rda_module
@@ -551,10 +551,6 @@ def test_ddp_ranks_align_as_one_process_with_the_global_batch(tmp_path):
 
 # -- real runs through the engine ---------------------------------------------------------------------------
 
-RUN = ["data.name=digits", "data.val_size=200", "data.padding=1", "data.flip=false", "data.labels_per_class=4",
-       "data.batch_size=16", "data.unlabeled_ratio=2", "model.name=test_bncnn", "trainer.max_steps=6",
-       "trainer.eval_every=3", "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.progress=false",
-       "optim.lr=0.1"]
 # Thresholds the untrained test_bncnn's predictions reach in a few steps (ShrinkMatch's aligned ones stay
 # close to uniform over the 10 classes), so that every term carries weight.
 RUN_HP = {"unimatch": ["method.p_cutoff=0.3"],
@@ -567,27 +563,11 @@ def test_trains_saves_and_resumes_bitwise_on_digits(tmp_path, name):
     def cfg(run):
         return load_config(None, [f"out_dir={tmp_path / run}", f"method.name={name}", *RUN, *RUN_HP[name]])
 
-    straight = Trainer(cfg("a"))
-    start = {k: v.clone() for k, v in straight.method.state_dict().items()}
-    summary = straight.fit()
-    assert summary["steps"] == 6
-    events = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    train = [e for e in events if e["split"] == "train"]
-    assert len(train) == 6 and all(math.isfinite(e["loss"]) and "mask_rate" in e and "pl_acc" in e for e in train)
-    ref = straight.method.state_dict()
+    straight, start, ref, train, saved = resumes_bitwise(cfg, tmp_path)
+    assert all("mask_rate" in e for e in train)
     state_keys = [k for k in ref if not k.startswith("student.")]
-    saved = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["method"]
     assert (state_keys or name == "unimatch") and all(k in saved for k in state_keys)
     assert all(not torch.equal(ref[k], start[k]) for k in state_keys if k.endswith(("queue", "ptr", "weight")))
-
-    fit_until_signal(Trainer(cfg("b")), after_step=2)
-    second = Trainer(cfg("b"))
-    second.fit()
-    assert second.start_step == 3
-    got = second.method.state_dict()
-    assert ref.keys() == got.keys()
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), k
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ included; exact checkpoint round trips; no host synchronisation in a step; real 
 that train, save and resume bitwise; and two DDP ranks that end with the bank and queue of one process
 with the global batch."""
 
-import json
 import math
 
 import pytest
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from _helpers import BNNet, fit_until_signal  # noqa: F401  (registers test_bncnn, test_mlp)
 from _nosync import NoHostSync
 from _ssl_reference import ce, col_mean, softmax
+from _ssl_runs import DDP_RUN, RUN, resumes_bitwise
 from torch import nn
 
 from mentor.config import ConfigError, load_config
@@ -417,10 +417,6 @@ def test_usb_defaults_and_their_ranges():
 
 # -- real runs through the engine -----------------------------------------------------------------------
 
-RUN = ["data.name=digits", "data.val_size=200", "data.padding=1", "data.flip=false", "data.labels_per_class=4",
-       "data.batch_size=16", "data.unlabeled_ratio=2", "model.name=test_bncnn", "trainer.max_steps=6",
-       "trainer.eval_every=3", "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.progress=false",
-       "optim.lr=0.1"]
 RUN_CASES = {"simmatch": ["method.name=simmatch", "method.memory_start=2", "method.p_cutoff=0.3"],
              "simmatch-teacher": ["method.name=simmatch", "method.memory_start=2", "method.ema_teacher=true",
                                   "method.bank_momentum=0"],
@@ -433,17 +429,10 @@ def test_trains_saves_and_resumes_bitwise_on_digits(tmp_path, case):
     def cfg(run):
         return load_config(None, [f"out_dir={tmp_path / run}", *RUN, *RUN_CASES[case]])
 
-    straight = Trainer(cfg("a"))
-    start = {k: v.clone() for k, v in straight.method.state_dict().items()}
-    summary = straight.fit()
-    assert summary["steps"] == 6
-    train = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    train = [e for e in train if e["split"] == "train"]
+    straight, start, ref, train, saved = resumes_bitwise(cfg, tmp_path)
     term = "contrast" if case == "comatch" else "in"
-    assert len(train) == 6 and all(math.isfinite(e["loss"]) and term in e and "pl_acc" in e for e in train)
-    ref = straight.method.state_dict()
+    assert all(term in e for e in train)
     memory = [k for k in ref if k.startswith(("bank.", "queue.", "dist_align."))]
-    saved = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["method"]
     assert memory and all(k in saved for k in memory)
     moved = [k for k in memory if k.endswith(("features", "labels", "probs", "queue"))]
     assert all(not torch.equal(ref[k], start[k]) for k in moved)
@@ -454,22 +443,9 @@ def test_trains_saves_and_resumes_bitwise_on_digits(tmp_path, case):
     else:
         assert straight.method.queue.size == 1 * (16 + 32)
 
-    fit_until_signal(Trainer(cfg("b")), after_step=2)
-    second = Trainer(cfg("b"))
-    second.fit()
-    assert second.start_step == 3
-    got = second.method.state_dict()
-    assert ref.keys() == got.keys()
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), k
-
 
 # -- DDP: two ranks, each with half of every batch, keep the bank and queue of one process ------------------
 
-DDP_RUN = ["data.name=digits", "data.val_size=200", "data.padding=1", "data.flip=false", "data.labels_per_class=4",
-           "data.unlabeled_ratio=2", "model.name=test_mlp", "trainer.max_steps=5", "trainer.eval_every=5",
-           "trainer.ckpt_every=5", "trainer.log_every=5", "trainer.progress=false", "optim.lr=0.1",
-           "schedule.name=constant"]
 # CoMatch's graph is each rank's own batch, as in USB, so it matches one process only without its loss
 # ("comatch"); with it ("comatch-graph") the ranks still hold one queue and one network between them.
 DDP_CASES = {"simmatch": ["method.name=simmatch", "method.memory_start=2", "method.p_cutoff=0.3"],

@@ -3,7 +3,6 @@ unlabelled data: every formula against a plain-Python computation one image (or 
 hand-worked examples, state over several steps, exact state_dict round trips, no host synchronisation in a
 step, real runs on the UCI digits that train, save and resume bitwise, and DDP equal to one process."""
 
-import json
 import math
 
 import pytest
@@ -11,6 +10,8 @@ import torch
 from _helpers import BNNet, fit_until_signal  # noqa: F401  (registers test_bncnn, test_mlp)
 from _nosync import NoHostSync
 from _ssl_reference import argmax, ce, softmax
+from _ssl_runs import DDP_RUN as SSL_DDP_RUN
+from _ssl_runs import RUN, resumes_bitwise
 from torch import nn
 
 from mentor.config import ConfigError, load_config
@@ -484,10 +485,6 @@ def test_the_teacher_loader_moved_down_and_distill_re_exports_it():
 
 # -- real runs through the engine ----------------------------------------------------------------------------
 
-RUN = ["data.name=digits", "data.val_size=200", "data.padding=1", "data.flip=false", "data.labels_per_class=4",
-       "data.batch_size=16", "data.unlabeled_ratio=2", "model.name=test_bncnn", "trainer.max_steps=6",
-       "trainer.eval_every=3", "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.progress=false",
-       "optim.lr=0.1"]
 
 
 def small_pool(overrides, size=40):
@@ -514,37 +511,18 @@ def test_trains_saves_and_resumes_bitwise_on_digits(tmp_path, digits_teacher, na
         return load_config(None, [f"out_dir={tmp_path / run}", f"method.name={name}", *RUN,
                                   *run_hp(name, digits_teacher)])
 
-    straight = Trainer(cfg("a"), splits=splits)
-    start = {k: v.clone() for k, v in straight.method.trained_state().items()}
-    summary = straight.fit()
-    assert summary["steps"] == 6
-    events = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    train = [e for e in events if e["split"] == "train"]
-    assert len(train) == 6 and all(math.isfinite(e["loss"]) and "pl_acc" in e for e in train)
+    straight, start, ref, train, saved = resumes_bitwise(cfg, tmp_path, splits,
+                                                         state=lambda t: t.method.trained_state())
     assert all(("soc_classes" in e) if name == "soc" else ("rkd" in e and e["rkd"] > 0) for e in train)
-    ref = straight.method.trained_state()
     state_keys = [k for k in ref if not k.startswith("student.")]
-    saved = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["method"]
     assert all(k in saved for k in state_keys) and not any(k.startswith("teacher.") for k in saved)
     assert any(not torch.equal(ref[k], start[k]) for k in state_keys) or not state_keys
     if name == "soc":
         assert (straight.method.transitions.last >= 0).all()  # every image of the pool was recorded
         assert int(straight.method.clusterings.calls) == 6
 
-    fit_until_signal(Trainer(cfg("b"), splits=splits), after_step=2)
-    second = Trainer(cfg("b"), splits=splits)
-    second.fit()
-    assert second.start_step == 3
-    got = second.method.trained_state()
-    assert ref.keys() == got.keys()
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), k
 
-
-DDP_RUN = ["data.name=digits", "data.val_size=200", "data.padding=1", "data.flip=false", "data.labels_per_class=4",
-           "data.unlabeled_ratio=2", "model.name=test_mlp", "trainer.max_steps=5", "trainer.eval_every=5",
-           "trainer.ckpt_every=5", "trainer.log_every=5", "trainer.progress=false", "optim.lr=0.1",
-           "schedule.name=constant", "method.name=soc", "method.num_tracked_batch=3", "method.kmedoids_rounds=4"]
+DDP_RUN = [*SSL_DDP_RUN, "method.name=soc", "method.num_tracked_batch=3", "method.kmedoids_rounds=4"]
 
 
 def _ddp_soc_worker(rank, world, port, out, splits):

@@ -3,7 +3,6 @@ adamatch, defixmatch): each step's loss against a per-image Python computation o
 state, no host synchronisation in a step, and a real run on the UCI digits that trains, saves and
 resumes bitwise."""
 
-import json
 import math
 from dataclasses import fields
 
@@ -24,6 +23,7 @@ from _ssl_reference import (
     sharpen,
     softmax,
 )
+from _ssl_runs import DDP_RUN, RUN, resumes_bitwise
 from torch import nn
 
 from mentor.config import ConfigError, load_config
@@ -216,10 +216,6 @@ def test_paper_defaults_and_their_ranges():
 
 # -- real runs through the engine -----------------------------------------------------------------------
 
-RUN = ["data.name=digits", "data.val_size=200", "data.padding=1", "data.flip=false", "data.labels_per_class=4",
-       "data.batch_size=16", "data.unlabeled_ratio=2", "model.name=test_bncnn", "trainer.max_steps=6",
-       "trainer.eval_every=3", "trainer.ckpt_every=3", "trainer.log_every=1", "trainer.progress=false",
-       "optim.lr=0.1"]
 RUN_HP = {"fixmatch": ["method.p_cutoff=0.3"], "flexmatch": ["method.p_cutoff=0.3"], "freematch": ["method.ema_p=0.5"],
           "softmatch": ["method.ema_p=0.5"],
           "dash": ["method.warmup_steps=2", "method.rho_window=2", "method.decay_every=2", "method.rho_min=0.5"],
@@ -232,35 +228,15 @@ def test_trains_saves_and_resumes_bitwise_on_digits(tmp_path, name):
     def cfg(run):
         return load_config(None, [f"out_dir={tmp_path / run}", f"method.name={name}", *RUN, *RUN_HP[name]])
 
-    straight = Trainer(cfg("a"))
-    start = {k: v.clone() for k, v in straight.method.state_dict().items()}
-    summary = straight.fit()
-    assert summary["steps"] == 6 and (tmp_path / "a" / "summary.json").is_file()
-    events = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    train = [e for e in events if e["split"] == "train"]
-    assert len(train) == 6 and all(math.isfinite(e["loss"]) and "mask_rate" in e and "pl_acc" in e for e in train)
-    ref = straight.method.state_dict()
+    straight, start, ref, train, saved = resumes_bitwise(cfg, tmp_path)
+    assert (tmp_path / "a" / "summary.json").is_file() and all("mask_rate" in e for e in train)
     state_keys = [k for k in ref if not k.startswith("student.")]
-    saved = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["method"]
     assert all(k in saved for k in state_keys)  # the maskers' and aligners' state is checkpointed
     assert any(not torch.equal(ref[k], start[k]) for k in state_keys) or not state_keys  # and it moved
-
-    fit_until_signal(Trainer(cfg("b")), after_step=2)
-    second = Trainer(cfg("b"))
-    second.fit()
-    assert second.start_step == 3
-    got = second.method.state_dict()
-    assert ref.keys() == got.keys()
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), k
 
 
 # -- DDP: two ranks, each with half of every batch, train as one process with the global batch -------------
 
-DDP_RUN = ["data.name=digits", "data.val_size=200", "data.padding=1", "data.flip=false", "data.labels_per_class=4",
-           "data.unlabeled_ratio=2", "model.name=test_mlp", "trainer.max_steps=5", "trainer.eval_every=5",
-           "trainer.ckpt_every=5", "trainer.log_every=5", "trainer.progress=false", "optim.lr=0.1",
-           "schedule.name=constant"]
 # Methods whose state needs the ranks' statistics: gathered indices (flexmatch), reduced means and variances
 # (softmatch, adamatch's alignment and relative threshold) and the averaged warm-up loss (dash). FreeMatch's
 # fairness term is each rank's own, as in USB, so it is left out here (its threshold is softmatch's kind).
