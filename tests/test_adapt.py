@@ -175,3 +175,107 @@ def test_the_command_line(tmp_path, source_run, capsys):
     code = main(["adapt", str(tmp_path / "missing"), "--shift", "test_digit_shift"])
     err = capsys.readouterr().err
     assert code == 2 and "not found" in err and "Traceback" not in err
+
+
+if "test_rgb_shift" not in DOMAIN_SETS:
+
+    @register_domains("test_rgb_shift")
+    def _rgb(root=None, **_):
+        ds = _shift().first
+        return DomainSet("test_rgb_shift", {"rgb": ArrayDataset(ds.images.expand(-1, 3, -1, -1).contiguous(),
+                                                                ds.labels, 10, "digits", ds.classes,
+                                                                ds.mean * 3, ds.std * 3)})
+
+
+if "test_bn_only_tta" not in METHODS:
+
+    @register_method("test_bn_only_tta")
+    class BNOnlyTTA(EntropyTTA):
+        """A method that adapts BatchNorm layers; records the source split it was shown."""
+
+        needs_bn = True
+
+        def on_source(self, source):
+            self.source_seen = (len(source.labeled), source.labeled.name)
+
+
+def test_mixed_reads_every_domain_once_shuffled_into_one_stream(tmp_path, source_run):
+    reset = _run(tmp_path, source_run, "source", "reset")
+    mixed = _run(tmp_path, source_run, "source", "mixed")
+    # the source model is stateless: each domain's accuracy is the same whatever the order
+    for name in ("clean", "dark", "inverted"):
+        assert mixed[f"acc@{name}"] == pytest.approx(reset[f"acc@{name}"], abs=1e-12)
+    assert mixed["acc_online"] == pytest.approx(reset["acc_mean"], abs=1e-12)  # equal-sized domains
+    records = (tmp_path / "source" / "mixed" / "metrics.jsonl").read_text().splitlines()
+    assert len(records) == 1 and json.loads(records[0])["n"] == 3 * len(_shift().first)
+    # a method that learns sees the domains interleaved: not what it sees stream by stream
+    learnt = _run(tmp_path, source_run, "test_entropy_tta", "mixed")
+    continual = _run(tmp_path, source_run, "test_entropy_tta", "continual")
+    assert learnt["acc@inverted"] != continual["acc@inverted"]
+
+
+def test_the_cost_column_counts_backward_passes_per_test_sample(tmp_path, source_run):
+    assert _run(tmp_path, source_run, "source")["backward_per_sample"] == 0.0
+    assert _run(tmp_path, source_run, "test_entropy_tta")["backward_per_sample"] == 1.0
+    assert _run(tmp_path, source_run, "test_episodic_tta", "continual")["backward_per_sample"] == 1.0
+
+
+def test_on_source_gets_the_source_runs_training_split(tmp_path, source_run):
+    seen = {}
+    original = BNOnlyTTA.on_source
+
+    def spy(self, source):
+        original(self, source)
+        seen["split"] = self.source_seen
+
+    BNOnlyTTA.on_source = spy
+    try:
+        _run(tmp_path, source_run, "test_bn_only_tta")
+    finally:
+        BNOnlyTTA.on_source = original
+    assert seen["split"] == (len(load_dataset("digits", "train")), "digits")
+
+
+def test_a_bn_method_on_a_network_without_bn_names_the_method_and_the_layers(tmp_path):
+    out = tmp_path / "mlp"
+    train(load_config(None, [f"out_dir={out}", "data.name=digits", "data.val_size=200", "model.name=test_mlp",
+                             "trainer.max_steps=4", "trainer.eval_every=4", "trainer.ckpt_every=4",
+                             "trainer.progress=false"]))
+    with pytest.raises(ConfigError, match=r"method test_bn_only_tta adapts BatchNorm .* FixedMLP has none"):
+        _run(tmp_path, out, "test_bn_only_tta")
+    assert not (tmp_path / "test_bn_only_tta").exists()
+
+
+def test_a_shift_with_other_channels_is_refused(tmp_path, source_run):
+    with pytest.raises(ConfigError, match="3x8x8 images, the network was trained on 1 channels"):
+        _run(tmp_path, source_run, "source", "reset", "test_rgb_shift")
+    assert not (tmp_path / "source").exists()
+
+
+def test_replace_norm_swaps_layers_in_place_keeping_their_state():
+    from mentor.nn import bn_layers, replace_norm
+
+    class Marked(torch.nn.BatchNorm2d):
+        pass
+
+    def factory(old):
+        new = Marked(old.num_features, eps=old.eps, momentum=old.momentum)
+        new.load_state_dict(old.state_dict())
+        return new
+
+    torch.manual_seed(0)
+    net = create_model("resnet8", num_classes=10, in_channels=1)
+    for bn in bn_layers(net):
+        bn.running_mean.uniform_(-1, 1)
+        bn.weight.data.uniform_(0.5, 2)
+    net.eval()
+    x = torch.randn(4, 1, 28, 28)
+    before = net(x)
+    names = [n for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    skip = names[-1]
+    swapped = replace_norm(net, factory, where=lambda name, layer: name != skip)
+    assert swapped == names[:-1]
+    kinds = {n: type(m) for n, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert all(kinds[n] is Marked for n in swapped) and kinds[skip] is torch.nn.BatchNorm2d
+    assert not any(m.training for m in net.modules())  # the new layers keep the old mode
+    assert torch.equal(net(x), before)

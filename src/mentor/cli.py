@@ -137,11 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_eval)
 
     a = sub.add_parser("adapt", help="adapt a trained run online over the streams of a shift: "
-                       "mentor adapt RUN --shift fmnist_c [--setting reset|continual] [method.name=norm ...]")
+                       "mentor adapt RUN --shift fmnist_c [--setting reset|continual|mixed] [method.name=norm ...]")
     a.add_argument("run", help="the source run directory (or checkpoint) of `mentor train`")
     a.add_argument("--shift", required=True, help="a shift or domain set: fmnist_c, cifar10_c, digits_domains, ...")
     a.add_argument("--setting", default="reset", help="reset (source state before every stream, default) or "
-                   "continual (state carried across streams)")
+                   "continual (state carried across streams) or mixed (every stream shuffled into one)")
     a.add_argument("--root", default=None, help="folder of a user's shift files (cifar10_c, domain folders)")
     a.add_argument("--severities", type=int, nargs="*", help="corruption severities (default 5)")
     a.add_argument("--corruptions", nargs="*", help="corruption names (default all 15)")

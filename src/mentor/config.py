@@ -638,9 +638,14 @@ def _check(cfg: RunConfig) -> None:
     if d.domains is not None:
         d.domains = [str(x) for x in d.domains]
         both = sorted(set(d.domains) & set(d.test_domains))
-        if both:
+        from .methods import METHODS
+
+        inputs = METHODS.get(cfg.method.name).inputs
+        source_free = bool(inputs.unlabeled) and not inputs.labeled  # adapts on the target's unlabelled images
+        if both and not source_free:
             raise ConfigError(f"data.domains and data.test_domains share {both}: a held-out domain is never "
-                              "trained on")
+                              "trained on (only a source-free method adapts to its test domain's unlabelled "
+                              "images)")
     _check_model(cfg.model)
     _check_machine(t)
 

@@ -6,7 +6,8 @@ from typing import ClassVar
 
 from torch import Tensor
 
-from ..methods import Method, StepContext
+from ..methods import Method, Refresh, StepContext
+from ..nn import require_bn
 
 
 class TestTimeMethod(Method):
@@ -16,11 +17,24 @@ class TestTimeMethod(Method):
     calls :meth:`adapt_step`, which returns ``"logits"`` (the predictions that are scored: made before
     or as the method adapts, as its paper prescribes) and, for a method that learns, ``"loss"`` and
     its terms as 0-d tensors; the runner then runs backward and the optimizer of :meth:`phases` on
-    ``"loss"``. Nothing in a step reads back to the host. ``episodic`` methods are reset to the source
-    state before every batch; the ``reset`` setting resets before every stream.
+    ``"loss"``. A step may also return ``"backward_samples"`` (0-d): how many test samples entered that
+    backward pass (EATA and SAR back-propagate a filtered subset; MEMO one sample's augmentations); by
+    default a step with a loss back-propagates the whole batch. Nothing in a step reads back to the host.
+
+    ``episodic`` methods are reset to the source state before every batch; the ``reset`` setting resets
+    before every stream, ``continual`` never, ``mixed`` reads every stream shuffled into one.
+    ``needs_bn`` methods stop with a clear message on a network without BatchNorm.
+    ``ctx.step`` counts the batches the method has seen since its last reset; ``ctx.generator`` is a
+    seeded generator on the device for the method's random draws (augmentations, stochastic restore).
     """
 
     episodic: ClassVar[bool] = False
+    needs_bn: ClassVar[bool] = False
+
+    def __init__(self, cfg, student, info):
+        super().__init__(cfg, student, info)
+        if self.needs_bn:
+            require_bn(student, self.method_name or type(self).__name__)
 
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         return self.adapt_step(batch, ctx)
@@ -31,3 +45,8 @@ class TestTimeMethod(Method):
     def prepare(self) -> None:
         """Put the networks in the mode the method adapts and predicts in (called after every reset)."""
         self.eval()
+
+    def on_source(self, source: Refresh) -> None:
+        """Called once, before the source state is captured, with the source run's labelled training
+        split (``source.labeled``, ``None`` when the runner cannot read it) and an evaluator: statistics
+        a method computes from source samples (EATA's Fisher information)."""

@@ -5,12 +5,15 @@ is read once, in a fixed seeded order, in batches of ``data.batch_size`` with th
 kept (no ``drop_last``). The method predicts each batch as its paper prescribes (before or as it
 adapts) and the accuracy is that of the predictions made online. Settings: ``reset`` restores the
 source state (weights, statistics, optimizer) before every stream; ``continual`` carries it across
-streams in order. An episodic method is reset before every batch in both settings.
+streams in order; ``mixed`` shuffles every stream into one (domains interleaved batch by batch) and
+reports the accuracy of each domain from the same online predictions. An episodic method is reset
+before every batch in every setting.
 
 The run directory holds ``config.yaml`` (the resolved method and the adaptation settings),
 ``metrics.jsonl`` (one record per stream) and ``summary.json`` (accuracy per stream, their mean and
-the worst). Everything a user can get wrong (the run, the shift, its classes, the method) is checked
-before the directory is created.
+the worst, the test batch size, the backward passes per test sample and the images per second).
+Everything a user can get wrong (the run, the shift, its classes, the method) is checked before the
+directory is created.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import yaml
 
 from ..config import ConfigError, RunConfig, build_config, to_dict
 from ..errors import ContractError
-from ..methods import METHODS, BuildInfo, StepContext
+from ..methods import METHODS, BuildInfo, Refresh, StepContext
 from ..models import create_model
 from . import checkpoint as ckpt
 from .logger import format_duration, log
@@ -34,7 +37,7 @@ from .optim import build_optimizer
 from .rundir import RunDir
 from .trainer import autocast_for, hardware_name, init_network, resolve_device
 
-SETTINGS = ("reset", "continual")
+SETTINGS = ("reset", "continual", "mixed")
 
 
 @dataclass
@@ -134,7 +137,6 @@ def adapt(plan: AdaptPlan, cfg: RunConfig) -> dict[str, Any]:
                        **info.get("kwargs", {}))
     init_network(net, plan.run, binfo, info["model"])
     method = METHODS.get(cfg.method.name)(cfg.method, net, binfo).to(device)
-    method.snapshot()
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
@@ -143,18 +145,24 @@ def adapt(plan: AdaptPlan, cfg: RunConfig) -> dict[str, Any]:
                               "setting": plan.setting, "root": plan.root, "options": plan.options or {}},
                     **to_dict(cfg)}
         ckpt.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        method.on_source(_source_refresh(info, cfg, m, s, device, autocast))
+        method.snapshot()
 
+        streams = _streams(shift, plan.setting, t.seed)
         records: list[dict[str, Any]] = []
         optimizers = None
         t0 = time.perf_counter()
         images = 0
-        for i, (name, ds) in enumerate(shift.domains.items()):
+        backward = torch.zeros((), device=device)
+        seen = 0  # batches since the last reset: ctx.step
+        gen = torch.Generator(device=device).manual_seed(t.seed)
+        for i, (name, ds, domain, order) in enumerate(streams):
             if plan.setting == "reset" or i == 0:
                 method.reset()
                 optimizers = _optimizers(method, cfg)
+                seen = 0
             method.prepare()
-            order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(t.seed))
-            correct = torch.zeros((), dtype=torch.long, device=device)
+            correct = torch.zeros(max(1, len(shift.domains)), dtype=torch.long, device=device)
             sums: dict[str, torch.Tensor] = {}
             batches = 0
             for start in range(0, len(ds), cfg.data.batch_size):
@@ -165,24 +173,38 @@ def adapt(plan: AdaptPlan, cfg: RunConfig) -> dict[str, Any]:
                     method.reset()
                     optimizers = _optimizers(method, cfg)
                     method.prepare()
-                out = _step(method, optimizers, {"x": x}, batches, autocast, cfg)
-                correct += (out.pop("logits").argmax(1) == y).sum()
+                    seen = 0
+                ctx = StepContext(step=seen, max_steps=0, generator=gen)
+                out = _step(method, optimizers, {"x": x}, ctx, autocast, cfg)
+                hit = (out.pop("logits").argmax(1) == y).long()
+                correct += _per_domain(hit, domain[idx].to(device), len(correct))
+                backward += out.pop("backward_samples")
                 for k, v in out.items():
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 batches += 1
+                seen += 1
             images += len(ds)
-            acc = correct.item() / len(ds)  # one read per stream
+            per = correct.tolist()  # one read per stream
+            acc = sum(per) / len(ds)
             record = {"stream": name, "acc": acc, "error": 1.0 - acc, "n": len(ds),
                       **{k: float(v) / batches for k, v in sums.items()}}
+            if plan.setting == "mixed":
+                counts = torch.bincount(domain, minlength=len(per)).tolist()
+                record["acc_by_domain"] = {d: per[j] / counts[j] for j, d in enumerate(shift.domains) if counts[j]}
             records.append(record)
             ckpt.atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
             log.info(f"{name}: acc {acc:.4f}")
         wall = time.perf_counter() - t0
         accs = {r["stream"]: r["acc"] for r in records}
+        if plan.setting == "mixed":
+            accs = dict(records[0]["acc_by_domain"])
         summary = {"method": cfg.method.name, "setting": plan.setting, "shift": plan.shift, "source_run": str(plan.run),
-                   "checkpoint": str(file), "streams": len(accs), "acc_mean": sum(accs.values()) / len(accs),
+                   "checkpoint": str(file),
+                   "options": plan.options or {}, "streams": len(accs), "acc_mean": sum(accs.values()) / len(accs),
                    "acc_worst": min(accs.values()), "error_mean": 1.0 - sum(accs.values()) / len(accs),
+                   **({"acc_online": records[0]["acc"]} if plan.setting == "mixed" else {}),
                    **{f"acc@{k}": v for k, v in accs.items()}, "batch_size": cfg.data.batch_size,
+                   "backward_per_sample": float(backward) / images,
                    "wall_s": wall, "img_s": images / wall if wall > 0 else float("nan"),
                    "device": hardware_name(device), "torch": str(torch.__version__)}
         ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -191,23 +213,63 @@ def adapt(plan: AdaptPlan, cfg: RunConfig) -> dict[str, Any]:
         return summary
 
 
+def _per_domain(hit: torch.Tensor, domain: torch.Tensor, n: int) -> torch.Tensor:
+    """Correct predictions per domain (one stream holds one domain except in the ``mixed`` setting)."""
+    return torch.zeros(n, dtype=torch.long, device=hit.device).index_add_(0, domain, hit)
+
+
+def _streams(shift, setting: str, seed: int) -> list[tuple[str, Any, torch.Tensor, torch.Tensor]]:
+    """(name, images, domain position of each image, read order) per stream. ``mixed`` concatenates every
+    domain and shuffles them into one stream (the online benchmark's ``mixed_domains``)."""
+    from ..data.readers import ArrayDataset
+
+    parts = list(shift.domains.items())
+    if setting == "mixed":
+        first = parts[0][1]
+        ds = ArrayDataset(torch.cat([d.images for _, d in parts]), torch.cat([d.labels for _, d in parts]),
+                          first.num_classes, f"{shift.name}:mixed", list(first.classes), first.mean, first.std)
+        domain = torch.cat([torch.full((len(d),), j, dtype=torch.long) for j, (_, d) in enumerate(parts)])
+        order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+        return [("mixed", ds, domain, order)]
+    return [(name, ds, torch.full((len(ds),), j, dtype=torch.long),
+             torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed)))
+            for j, (name, ds) in enumerate(parts)]
+
+
+def _source_refresh(info: dict[str, Any], cfg: RunConfig, m, s, device, autocast) -> Refresh:
+    """The source run's labelled training split for :meth:`TestTimeMethod.on_source` (None when the source
+    run's dataset is not one the library reads by name)."""
+    from ..data import load_dataset
+    from .evaluate import Evaluator
+
+    try:
+        train = load_dataset(info["dataset"], split="train", root=info.get("root"))
+    except Exception:  # a domain set or a folder: the method says what it needs
+        train = None
+    ev = Evaluator(m, s, cfg.data.eval_batch_size, device, autocast=autocast)
+    return Refresh(labeled=train, unlabeled=None, evaluator=ev, device=device)
+
+
 def _optimizers(method, cfg: RunConfig) -> list[tuple[Any, torch.optim.Optimizer]]:
     return [(p, build_optimizer(p.params, cfg.optim, p.optim)) for p in method.phases() if p.params]
 
 
-def _step(method, optimizers, batch: dict[str, torch.Tensor], step: int, autocast, cfg: RunConfig
+def _step(method, optimizers, batch: dict[str, torch.Tensor], ctx: StepContext, autocast, cfg: RunConfig
           ) -> dict[str, torch.Tensor]:
     """One test batch: the method's predictions and, where it learns, its update."""
-    ctx = StepContext(step=step, max_steps=0)
     with autocast():
         out = method.adapt_step(batch, ctx)
     if "logits" not in out:
         raise ContractError(f"{cfg.method.name}.adapt_step must return 'logits' (the predictions scored)")
     loss = out.get("loss")
-    if loss is not None and loss.requires_grad:
+    learns = loss is not None and loss.requires_grad
+    out.setdefault("backward_samples", torch.full((), float(len(batch["x"]) if learns else 0.0),
+                                                  device=batch["x"].device))
+    if learns:
         for _, opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
         for _, opt in optimizers:
             opt.step()
+        method.after_step(ctx)  # EMA teachers, stochastic restore: after every update, as in training
     return {k: v for k, v in out.items() if k == "logits" or v.dim() == 0}

@@ -308,7 +308,8 @@ class TrainInputs:
             self.parts.append(_Part(loaders, views(inputs.labeled), "x", 0))
         if inputs.unlabeled:
             pool = splits.unlabeled if splits.unlabeled is not None else splits.train
-            mu_batch = max(1, round(cfg.unlabeled_ratio * cfg.batch_size))
+            # source-free (no labelled part): the unlabelled target batch is data.batch_size images
+            mu_batch = max(1, round(cfg.unlabeled_ratio * cfg.batch_size)) if inputs.labeled else cfg.batch_size
             self.parts.append(_Part([loader(pool, mu_batch, 7919)], views(inputs.unlabeled), "u", 1))
 
     @property

@@ -153,7 +153,12 @@ class Trainer:
 
         method_cls = METHODS.get(cfg.method.name)
         self.splits = splits if splits is not None else source_splits(cfg, method_cls)
-        if method_cls.inputs.unlabeled and self.splits.unlabeled is None:
+        if method_cls.inputs.unlabeled and not method_cls.inputs.labeled and not cfg.model.init_from:
+            raise ConfigError(
+                f"method.name={cfg.method.name} is source-free: it adapts a trained source network to unlabelled "
+                f"target images, so it needs model.init_from=RUN (the source run directory, trained with the "
+                f"same model.name on the source domain)")
+        if method_cls.inputs.unlabeled and method_cls.inputs.labeled and self.splits.unlabeled is None:
             raise ConfigError(
                 f"method.name={cfg.method.name} learns from unlabelled images, but every training image of "
                 f"{cfg.data.name} is labelled (data.labels_per_class="
@@ -340,7 +345,9 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------
     def _refresh(self) -> Refresh:
-        return Refresh(labeled=self.splits.train, unlabeled=self.splits.unlabeled, evaluator=self.evaluator(),
+        pool = self.splits.unlabeled if self.splits.unlabeled is not None else self.splits.train
+        unlabeled = pool if self.method.inputs.unlabeled else self.splits.unlabeled
+        return Refresh(labeled=self.splits.train, unlabeled=unlabeled, evaluator=self.evaluator(),
                        device=self.device)
 
     def evaluator(self) -> Evaluator:
@@ -576,6 +583,8 @@ class Trainer:
             net.load_state_dict(state["ema"] if self.select_ema else state["model"])
             net.eval()
             out.update(self._score_tests(net, "_best"))
+        if self.method.inputs.unlabeled and not self.method.inputs.labeled:
+            out["best_selected_on"] = "labelled target holdout: *_best is the oracle column, *_last the headline"
         out["wall_s"] = self.history_wall + (time.perf_counter() - self._t0)
         # over every session of the run (a resume that trains nothing reports the earlier sessions' rate)
         out["train_img_s"] = self.train_images / self.train_seconds if self.train_seconds > 0 else None

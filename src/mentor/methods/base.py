@@ -20,6 +20,9 @@ sub-modules, so checkpoints and optimizers see them.
                             ``u`` (first view), ``u_<view>``, ``u_index``. Its labels never reach the method.
                             A name listed again is another independent draw: ``("weak", "weak")`` gives
                             ``u_weak`` and ``u_weak_1`` (any part; :func:`mentor.engine.inputs.view_keys`)
+  ``labeled=(), unlabeled=…`` source-free: the whole training split (the target domain) is the unlabelled
+                            pool, in batches of ``data.batch_size``; the run needs ``model.init_from`` (the
+                            source network); validation (labelled target) is reported as the oracle column
   ``domains=True``          the labelled batch drawn per training domain, ``batch_size`` images from each
                             domain in a fixed order, with ``batch["domain"]`` (the domain's position)
   ``data=False``            no data at all (data-free): the batch is empty; class count, image shape and

@@ -16,7 +16,7 @@ from .masking import (
 )
 from .memory import EmbeddingHead, FeatureQueue, LabeledMemoryBank, similarity
 from .mixing import mixup, sharpen, step_generator, vat_perturbation
-from .norm import bn_layers, frozen_bn_stats, use_batch_stats
+from .norm import NORM_TYPES, bn_layers, frozen_bn_stats, norm_affine, norm_kinds, replace_norm, require_bn, use_batch_stats
 from .projectors import conv_block, conv_projector, mlp
 from .ramp import ramp
 from .transitions import ClassTransitions, class_similarity, kmedoids
@@ -29,3 +29,4 @@ __all__ += ["DashThreshold", "DistAlignEMA", "FixedThreshold", "FlexThreshold", 
 __all__ += ["ClassTransitions", "class_similarity", "kmedoids"]
 __all__ += ["DistAlignQueue", "reciprocal_alignment"]
 __all__ += ["EmbeddingHead", "FeatureQueue", "LabeledMemoryBank", "similarity"]
+__all__ += ["NORM_TYPES", "norm_affine", "norm_kinds", "replace_norm", "require_bn"]

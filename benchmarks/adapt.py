@@ -1,0 +1,250 @@
+"""Test-time and source-free adaptation on real shifts, every method through the engine, 3 paired seeds.
+
+- ``tta``: source models trained by recipe on clean Fashion-MNIST (a ResNet-8 with BatchNorm and the
+  ViT of the zoo), then every test-time method through ``mentor adapt`` on ``fmnist_c``: the 15
+  corruptions at severity 5 in the ``reset`` and ``continual`` settings, and every severity 1..5 in the
+  ``reset`` setting for the mean over severities. ``--limit`` images per stream (the first N of each
+  corruption's seeded order), batch 128. Methods that adapt BatchNorm are not run on the ViT (it has none).
+- ``sfda``: source models trained on the printed-font digits (four families) and on Fashion-MNIST at 0°,
+  then every source-free method adapts to the handwritten digits and to 60° / 75° rotations, reported at
+  the last step (the headline) and at the best step on a labelled target holdout (the oracle column).
+
+Within a seed every method adapts the same source network over the same streams in the same order, so
+the gains are paired (mean ± std of the per-seed differences; * where |mean| > 2 std).
+
+    python benchmarks/adapt.py --parts tta,sfda --seeds 0,1,2
+    python benchmarks/adapt.py --report-only
+
+Finished runs (a directory with summary.json) are reused, so the command can be stopped and started
+again; the report is written to ``<out>/report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mentor.config import load_config
+from mentor.engine import train
+from mentor.engine.adapt import AdaptPlan, adapt, build_adapt_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from report import mean_std, paired_gain  # noqa: E402
+
+SOURCES = {"resnet8": "recipes/supervised/fmnist_resnet8.yaml", "vit": "recipes/adapt/fmnist_source_vit.yaml"}
+TTA_METHODS = ["source", "norm", "bn_ema", "tent", "eta", "eata", "sar", "deyo", "cotta", "memo", "lame", "rotta",
+               "t3a", "domain_adaptor"]
+BN_METHODS = {"norm", "bn_ema", "tent", "eta", "eata", "sar", "deyo", "rotta", "domain_adaptor"}
+# The online benchmark's CIFAR-10-C table (WRN-28, severity 5, continual, error %, mean of 5 seeds), published.
+PUBLISHED_C10C = {"source": 43.5, "norm": 20.4, "tent": 20.0, "eata": 17.9, "sar": 20.4, "cotta": 16.5,
+                  "rotta": 19.3, "lame": 64.3}
+SFDA_METHODS = ["shot", "shot_im", "nrc", "aad", "arfnet", "cadtrans"]
+SFDA_TASKS = {  # task -> (source recipe, target recipe pattern, target domain, overrides of the target run)
+    "digits printed -> handwritten": ("recipes/adapt/digits_source.yaml", "recipes/adapt/digits_{m}.yaml",
+                                      "handwritten", []),
+    "rotated_fmnist 0° -> 60°": ("recipes/adapt/rotated_fmnist_source.yaml", "recipes/adapt/rotated_fmnist_{m}.yaml",
+                                 "60", ["data.domains=[60]", "data.test_domains=[60]"]),
+    "rotated_fmnist 0° -> 75°": ("recipes/adapt/rotated_fmnist_source.yaml", "recipes/adapt/rotated_fmnist_{m}.yaml",
+                                 "75", ["data.domains=[75]", "data.test_domains=[75]"]),
+}
+VIT_SOURCE_OVERRIDES = {"cadtrans": "recipes/adapt/digits_source_vit.yaml"}
+THREADS: list[str] = []
+
+
+def _summary(run: Path) -> dict | None:
+    f = run / "summary.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _train(recipe: str, run: Path, overrides: list[str]) -> dict:
+    done = _summary(run)
+    if done is not None:
+        return done
+    return train(load_config(ROOT / recipe, [f"out_dir={run}", "trainer.progress=false", *THREADS, *overrides]))
+
+
+def _adapt(source: Path, run: Path, method: str, setting: str, seed: int, severities, limit: int) -> dict:
+    done = _summary(run)
+    if done is not None:
+        return done
+    cfg = build_adapt_config([f"method.name={method}", f"out_dir={run}", f"trainer.seed={seed}",
+                              "data.batch_size=128", *THREADS])
+    plan = AdaptPlan(run=str(source), shift="fmnist_c", setting=setting,
+                     options={"severities": list(severities), "limit": limit})
+    return adapt(plan, cfg)
+
+
+def run_tta(out: Path, seeds: list[int], models: list[str], methods: list[str], limit: int, sev_limit: int) -> None:
+    for arch in models:
+        for seed in seeds:
+            src = out / "tta" / arch / "source" / f"seed{seed}"
+            _train(SOURCES[arch], src, [f"trainer.seed={seed}"])
+            for m in methods:
+                if arch == "vit" and m in BN_METHODS:
+                    continue
+                for setting in ("reset", "continual"):
+                    _adapt(src, out / "tta" / arch / m / setting / f"seed{seed}", m, setting, seed, (5,), limit)
+                _adapt(src, out / "tta" / arch / m / "severities" / f"seed{seed}", m, "reset", seed,
+                       (1, 2, 3, 4, 5), sev_limit)
+
+
+def _rows(out: Path, arch: str, m: str, part: str, seeds: list[int]) -> list[dict]:
+    return [s for s in (_summary(out / "tta" / arch / m / part / f"seed{seed}") for seed in seeds) if s]
+
+
+def _err(xs: list[float]) -> str:
+    """Errors in percent, mean ± std over seeds, from accuracies in [0, 1]."""
+    return mean_std([1.0 - x for x in xs])
+
+
+def report_tta(out: Path, seeds: list[int], models: list[str], methods: list[str]) -> str:
+    parts = []
+    for arch in models:
+        clean = [s["test_acc_last"] for s in (_summary(out / "tta" / arch / "source" / f"seed{seed}") for seed in seeds)
+                 if s]
+        if not clean:
+            continue
+        have = [m for m in methods if _rows(out, arch, m, "reset", seeds)]
+        norm = {k: _rows(out, arch, "norm", k, seeds) for k in ("reset", "continual", "severities")}
+        rs = _rows(out, arch, have[0], "reset", seeds)
+        lines = [f"#### {arch} (source recipe `{SOURCES[arch]}`, clean test error {_err(clean)} %, "
+                 f"{len(clean)} seeds; batch 128, {rs[0]['options'].get('limit')} images per stream)",
+                 "",
+                 "| method | sev. 5 reset: mean error % | vs norm (paired, points of error) | sev. 5 continual | "
+                 "continual − reset | mean over severities 1–5 | backward / sample | img/s | published C10-C "
+                 "continual |",
+                 "|---|---|---|---|---|---|---|---|---|"]
+        for m in have:
+            reset, cont, sev = (_rows(out, arch, m, k, seeds) for k in ("reset", "continual", "severities"))
+            acc_r, acc_c = [r["acc_mean"] for r in reset], [r["acc_mean"] for r in cont]
+            vs = "–"
+            if m != "norm" and len(norm["reset"]) == len(reset) and reset:
+                vs = paired_gain([r["acc_mean"] for r in norm["reset"]], acc_r)  # error difference = -acc gain
+            drift = paired_gain(acc_r, acc_c) if len(acc_r) == len(acc_c) and acc_c else "–"
+            lines.append(f"| {m} | {_err(acc_r)} | {vs} | {_err(acc_c)} | {drift} | "
+                         f"{_err([r['acc_mean'] for r in sev])} | "
+                         f"{statistics.mean(r['backward_per_sample'] for r in reset):.2f} | "
+                         f"{statistics.mean(r['img_s'] for r in reset):,.0f} | {PUBLISHED_C10C.get(m, '–')} |")
+        streams = [k[len("acc@"):] for k in rs[0] if k.startswith("acc@")]
+        lines += ["", f"Error % per corruption, severity 5 ({arch}, reset / continual):", "",
+                  "| method | " + " | ".join(s.removesuffix("-5") for s in streams) + " |",
+                  "|---" * (len(streams) + 1) + "|"]
+        for m in have:
+            for setting in ("reset", "continual"):
+                rows = _rows(out, arch, m, setting, seeds)
+                if rows:
+                    cells = [f"{100 * statistics.mean(1 - r[f'acc@{s}'] for r in rows):.1f}" for s in streams]
+                    lines.append(f"| {m} ({setting}) | " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def run_sfda(out: Path, seeds: list[int], methods: list[str]) -> None:
+    for task, (source_recipe, pattern, _, extra) in SFDA_TASKS.items():
+        key = _slug(task)
+        for seed in seeds:
+            sources = {}
+            for m in methods:
+                recipe = pattern.format(m=m)
+                if not (ROOT / recipe).is_file():
+                    continue
+                src_recipe = VIT_SOURCE_OVERRIDES.get(m, source_recipe) if task.startswith("digits") else source_recipe
+                if m == "cadtrans" and not task.startswith("digits"):
+                    src_recipe = recipe.replace("_cadtrans", "_source_vit")
+                    if not (ROOT / src_recipe).is_file():
+                        continue
+                src = out / "sfda" / key / ("source_vit" if "vit" in src_recipe else "source") / f"seed{seed}"
+                if src not in sources:
+                    sources[src] = _train(src_recipe, src, [f"trainer.seed={seed}"])
+                _train(recipe, out / "sfda" / key / m / f"seed{seed}",
+                       [f"model.init_from={src}", f"trainer.seed={seed}", *extra])
+
+
+def _slug(task: str) -> str:
+    return task.replace(" -> ", "_to_").replace("°", "").replace(" ", "_")
+
+
+def _source_target_acc(out: Path, task: str, seed: int, vit: bool) -> float | None:
+    """The source network's accuracy on the target domain (a held-out test domain of its run)."""
+    s = _summary(out / "sfda" / _slug(task) / ("source_vit" if vit else "source") / f"seed{seed}")
+    return None if s is None else s.get(f"test_acc_last@{SFDA_TASKS[task][2]}")
+
+
+def report_sfda(out: Path, seeds: list[int], methods: list[str]) -> str:
+    lines = ["| task | method | target acc % (last step, headline) | vs SHOT (paired) | vs source (paired) | "
+             "oracle: best step on labelled target holdout | cost |", "|---|---|---|---|---|---|---|"]
+    for task in SFDA_TASKS:
+        key = _slug(task)
+        shot = {seed: _summary(out / "sfda" / key / "shot" / f"seed{seed}") for seed in seeds}
+        for m in ["source", *methods]:
+            if m == "source":
+                # the source network on the same target test split (its held-out domain test, read once)
+                accs = {seed: _source_target_acc(out, task, seed, False) for seed in seeds}
+                accs = {k: v for k, v in accs.items() if v is not None}
+                if not accs:
+                    continue
+                lines.append(f"| {task} | source model | {mean_std(list(accs.values()))} | | | | |")
+                continue
+            rows = {seed: _summary(out / "sfda" / key / m / f"seed{seed}") for seed in seeds}
+            rows = {k: v for k, v in rows.items() if v}
+            if not rows:
+                continue
+            last = [rows[s]["test_acc_last"] for s in rows]
+            vs_shot = paired_gain(last, [shot[s]["test_acc_last"] for s in rows]) \
+                if m != "shot" and all(shot.get(s) for s in rows) else "–"
+            src = [_source_target_acc(out, task, s, m == "cadtrans") for s in rows]
+            vs_src = paired_gain(last, src) if all(v is not None for v in src) else "–"
+            cost = f"{sum(r['wall_s'] for r in rows.values()) / len(rows) / 60:.1f} min/run"
+            lines.append(f"| {task} | {m} | {mean_std(last)} | {vs_shot} | {vs_src} | "
+                         f"{mean_std([rows[s]['test_acc_best'] for s in rows])} | {cost} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="tta,sfda")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--models", default="resnet8,vit", help="TTA source networks")
+    p.add_argument("--tta-methods", default=",".join(TTA_METHODS))
+    p.add_argument("--sfda-methods", default=",".join(SFDA_METHODS))
+    p.add_argument("--limit", type=int, default=1000, help="images per corruption stream at severity 5")
+    p.add_argument("--severity-limit", type=int, default=400, help="images per stream for the severity mean")
+    p.add_argument("--out", default="runs/bench/adapt")
+    p.add_argument("--report-only", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (trainer.threads)")
+    args = p.parse_args()
+    if args.threads:
+        THREADS.append(f"trainer.threads={args.threads}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    models, tta_methods, sfda_methods = (args.models.split(","), args.tta_methods.split(","),
+                                         args.sfda_methods.split(","))
+    out = Path(args.out)
+    parts = args.parts.split(",")
+    t0 = time.time()
+    if not args.report_only:
+        if "tta" in parts:
+            run_tta(out, seeds, models, tta_methods, args.limit, args.severity_limit)
+        if "sfda" in parts:
+            run_sfda(out, seeds, sfda_methods)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=ROOT).stdout.strip()
+    text = (f"Command: `python benchmarks/adapt.py --parts {args.parts} --seeds {args.seeds} --limit {args.limit} "
+            f"--severity-limit {args.severity_limit}`, commit {commit}, {time.strftime('%Y-%m-%d')}.\n")
+    if "tta" in parts:
+        text += "\n### Test-time adaptation on fmnist_c\n\n" + report_tta(out, seeds, models, tta_methods) + "\n"
+    if "sfda" in parts:
+        text += "\n### Source-free adaptation\n\n" + report_sfda(out, seeds, sfda_methods) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    print(text)
+    print(f"({(time.time() - t0) / 60:.1f} min)")
+
+
+if __name__ == "__main__":
+    main()
