@@ -279,3 +279,45 @@ def test_replace_norm_swaps_layers_in_place_keeping_their_state():
     assert all(kinds[n] is Marked for n in swapped) and kinds[skip] is torch.nn.BatchNorm2d
     assert not any(m.training for m in net.modules())  # the new layers keep the old mode
     assert torch.equal(net(x), before)
+
+
+def test_a_step_that_does_not_apply_leaves_weights_and_optimizer_state_as_they_were():
+    from mentor.config import OptimConfig
+    from mentor.engine.adapt import _step
+    from mentor.engine.optim import build_optimizer
+    from mentor.methods import StepContext
+
+    class Gate(tta.TestTimeMethod):
+        def adapt_step(self, batch, ctx):
+            logits = self.student(batch["x"])
+            return {"logits": logits.detach(), "loss": logits.pow(2).mean(), "apply": batch["apply"]}
+
+    torch.manual_seed(0)
+    method = Gate(MethodConfig(), torch.nn.Linear(3, 2), None)
+    opt = build_optimizer(list(method.parameters()), OptimConfig(name="adamw", lr=0.1, weight_decay=0.0), {})
+    cfg = build_adapt_config([])
+    x = torch.randn(4, 3)
+
+    def run(apply):
+        return _step(method, [(None, opt)], {"x": x, "apply": torch.tensor(apply)}, StepContext(0, 0), _nullcontext,
+                     cfg)
+
+    def state():
+        return [t.clone() for t in method.parameters()] + [v.clone() for s in opt.state.values() for v in s.values()]
+
+    start = [p.clone() for p in method.parameters()]
+    run(False)  # the first step creates Adam's state: it is left as a fresh one (zeros)
+    assert all(torch.equal(a, b) for a, b in zip(method.parameters(), start))
+    assert all(not v.any() for s in opt.state.values() for v in s.values())
+    run(True)
+    before = state()
+    run(False)
+    assert all(torch.equal(a, b) for a, b in zip(state(), before))
+    run(True)
+    assert not all(torch.equal(a, b) for a, b in zip(state(), before))
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()

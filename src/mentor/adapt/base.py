@@ -19,7 +19,10 @@ class TestTimeMethod(Method):
     its terms as 0-d tensors; the runner then runs backward and the optimizer of :meth:`phases` on
     ``"loss"``. A step may also return ``"backward_samples"`` (0-d): how many test samples entered that
     backward pass (EATA and SAR back-propagate a filtered subset; MEMO one sample's augmentations); by
-    default a step with a loss back-propagates the whole batch. Nothing in a step reads back to the host.
+    default a step with a loss back-propagates the whole batch. ``"apply"`` (0-d bool) makes the update
+    conditional: where it is false the runner leaves the parameters and the optimizer state exactly as
+    they were (EATA and DeYO skip a batch whose filters keep no sample). Nothing in a step reads back to
+    the host.
 
     ``episodic`` methods are reset to the source state before every batch; the ``reset`` setting resets
     before every stream, ``continual`` never, ``mixed`` reads every stream shuffled into one.
@@ -45,6 +48,11 @@ class TestTimeMethod(Method):
     def prepare(self) -> None:
         """Put the networks in the mode the method adapts and predicts in (called after every reset)."""
         self.eval()
+
+    def optimizer_reset(self) -> Tensor | None:
+        """Called after every update: a 0-d bool that, where true, resets the optimizers' state to a fresh
+        one (a method that has just restored its source weights, SAR's model recovery); ``None`` never."""
+        return None
 
     def on_source(self, source: Refresh) -> None:
         """Called once, before the source state is captured, with the source run's labelled training

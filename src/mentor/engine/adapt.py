@@ -265,11 +265,56 @@ def _step(method, optimizers, batch: dict[str, torch.Tensor], ctx: StepContext, 
     learns = loss is not None and loss.requires_grad
     out.setdefault("backward_samples", torch.full((), float(len(batch["x"]) if learns else 0.0),
                                                   device=batch["x"].device))
+    apply = out.pop("apply", None)
     if learns:
+        held = _hold(optimizers) if apply is not None else None
         for _, opt in optimizers:
             opt.zero_grad(set_to_none=True)
         loss.backward()
         for _, opt in optimizers:
             opt.step()
+        if held is not None:
+            _keep_unless(held, optimizers, apply)
         method.after_step(ctx)  # EMA teachers, stochastic restore: after every update, as in training
+        reset = method.optimizer_reset()
+        if reset is not None:
+            _zero_state_where(optimizers, reset)
     return {k: v for k, v in out.items() if k == "logits" or v.dim() == 0}
+
+
+def _opt_tensors(opt: torch.optim.Optimizer) -> list[tuple[Any, str, torch.Tensor | None]]:
+    """Every parameter and every tensor of its optimizer state, as (owner, key, tensor) triples."""
+    out: list[tuple[Any, str, torch.Tensor | None]] = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            out.append((p, "", p))
+            for k, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor):
+                    out.append((p, k, v))
+    return out
+
+
+@torch.no_grad()
+def _hold(optimizers) -> list[dict[tuple[int, str], torch.Tensor]]:
+    return [{(id(owner), k): t.detach().clone() for owner, k, t in _opt_tensors(opt)} for _, opt in optimizers]
+
+
+@torch.no_grad()
+def _keep_unless(held, optimizers, apply: torch.Tensor) -> None:
+    """Where ``apply`` (0-d bool, from the step's ``"apply"``) is false, put the parameters and the optimizer
+    state back as they were before the step (a state created by the step goes back to zeros, which the
+    optimizers read as a fresh state). No host read."""
+    for saved, (_, opt) in zip(held, optimizers):
+        for owner, k, t in _opt_tensors(opt):
+            old = saved.get((id(owner), k))
+            t.copy_(torch.where(apply, t, torch.zeros_like(t) if old is None else old))
+
+
+@torch.no_grad()
+def _zero_state_where(optimizers, flag: torch.Tensor) -> None:
+    """Where ``flag`` (0-d bool) holds, reset every optimizer's state to a fresh one (zeros), as a method
+    that restores its source weights also restarts its optimizer (SAR's model recovery)."""
+    for _, opt in optimizers:
+        for _, k, t in _opt_tensors(opt):
+            if k:
+                t.mul_((~flag).to(t.dtype))
