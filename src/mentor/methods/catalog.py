@@ -55,6 +55,25 @@ BUILTIN: dict[str, str] = {
     # test-time adaptation
     "source": "mentor.adapt.tta",
     "norm": "mentor.adapt.tta",
+    "bn_ema": "mentor.adapt.tent",
+    "tent": "mentor.adapt.tent",
+    "eta": "mentor.adapt.eata",
+    "eata": "mentor.adapt.eata",
+    "sar": "mentor.adapt.sar",
+    "deyo": "mentor.adapt.deyo",
+    "cotta": "mentor.adapt.cotta",
+    "memo": "mentor.adapt.memo",
+    "lame": "mentor.adapt.lame",
+    "rotta": "mentor.adapt.rotta",
+    "t3a": "mentor.adapt.t3a",
+    "domain_adaptor": "mentor.adapt.domain_adaptor",
+    # source-free domain adaptation
+    "shot": "mentor.adapt.shot",
+    "shot_im": "mentor.adapt.shot",
+    "nrc": "mentor.adapt.nrc",
+    "aad": "mentor.adapt.aad",
+    "arfnet": "mentor.adapt.arfnet",
+    "cadtrans": "mentor.adapt.cadtrans",
     # diffusion
     "edm": "mentor.diffusion.edm",
 }
