@@ -133,7 +133,7 @@ def report_tta(out: Path, seeds: list[int], models: list[str], methods: list[str
         lines = [f"#### {arch} (source recipe `{SOURCES[arch]}`, clean test error {_err(clean)} %, "
                  f"{len(clean)} seeds; batch 128, {rs[0]['options'].get('limit')} images per stream)",
                  "",
-                 "| method | sev. 5 reset: mean error % | error − norm's (paired points; < 0 beats norm) | "
+                 "| method | sev. 5 reset: mean error % | error − norm's (ViT: source's), paired, < 0 better | "
                  "sev. 5 continual | continual − reset (paired) | mean over severities 1–5 (reset) | "
                  "backward / sample | img/s | published CIFAR-10-C continual error % |",
                  "|---|---|---|---|---|---|---|---|---|"]
@@ -142,9 +142,10 @@ def report_tta(out: Path, seeds: list[int], models: list[str], methods: list[str
             cont = reset if m in EPISODIC else _rows(out, arch, m, "continual", seeds)
             sev = _rows(out, arch, m, "severities", seeds)
             acc_r, acc_c = [r["acc_mean"] for r in reset], [r["acc_mean"] for r in cont]
-            base = _rows(out, arch, "norm", _part(m), seeds)
+            ref = "norm" if _rows(out, arch, "norm", "reset", seeds) else "source"  # the ViT has no BN: source
+            base = _rows(out, arch, ref, _part(m), seeds)
             vs = "–"
-            if m != "norm" and len(base) == len(reset) and reset:
+            if m != ref and len(base) == len(reset) and reset:
                 vs = paired_gain([r["acc_mean"] for r in base], acc_r)  # error difference = -acc gain
             drift = paired_gain(acc_r, acc_c) if len(acc_r) == len(acc_c) and acc_c else "–"
             if m in EPISODIC:
