@@ -219,6 +219,9 @@ def report_sfda(out: Path, seeds: list[int], methods: list[str]) -> str:
                 if not accs:
                     continue
                 lines.append(f"| {task} | source model | {mean_std(list(accs.values()))} | | | | |")
+                vit = [v for v in (_source_target_acc(out, task, seed, True) for seed in seeds) if v is not None]
+                if vit and "cadtrans" in methods:
+                    lines.append(f"| {task} | source model (ViT, for cadtrans) | {mean_std(vit)} | | | | |")
                 continue
             rows = {seed: _summary(out / "sfda" / key / m / f"seed{seed}") for seed in seeds}
             rows = {k: v for k, v in rows.items() if v}
@@ -227,6 +230,8 @@ def report_sfda(out: Path, seeds: list[int], methods: list[str]) -> str:
             last = [rows[s]["test_acc_last"] for s in rows]
             vs_shot = paired_gain(last, [shot[s]["test_acc_last"] for s in rows]) \
                 if m != "shot" and all(shot.get(s) for s in rows) else "–"
+            if m == "cadtrans":
+                vs_shot = "– (a ViT; SHOT adapts the ResNet-8)"
             src = [_source_target_acc(out, task, s, m == "cadtrans") for s in rows]
             vs_src = paired_gain(last, src) if all(v is not None for v in src) else "–"
             cost = f"{sum(r['wall_s'] for r in rows.values()) / len(rows) / 60:.1f} min/run"

@@ -16,7 +16,16 @@ from .masking import (
 )
 from .memory import EmbeddingHead, FeatureQueue, LabeledMemoryBank, similarity
 from .mixing import mixup, sharpen, step_generator, vat_perturbation
-from .norm import NORM_TYPES, bn_layers, frozen_bn_stats, norm_affine, norm_kinds, replace_norm, require_bn, use_batch_stats
+from .norm import (
+    NORM_TYPES,
+    bn_layers,
+    frozen_bn_stats,
+    norm_affine,
+    norm_kinds,
+    replace_norm,
+    require_bn,
+    use_batch_stats,
+)
 from .projectors import conv_block, conv_projector, mlp
 from .ramp import ramp
 from .transitions import ClassTransitions, class_similarity, kmedoids
