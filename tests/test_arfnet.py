@@ -233,6 +233,7 @@ def _head_agreement(m, trainer):
     return {n: torch.cat(v).mean().item() for n, v in agree.items()}
 
 
+@pytest.mark.slow
 def test_arfnet_raises_the_target_accuracy(tmp_path, source_run, target_splits):
     # two epochs of the 1,438 target images, SGD at 1e-2 as the SHOT digits recipe
     cfg = load_config(None, [f"out_dir={tmp_path}", "method.name=arfnet", f"model.init_from={source_run}", *TARGET,

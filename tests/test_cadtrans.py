@@ -184,12 +184,14 @@ def target_splits():
     return load_splits(load_config(None, ["method.name=cadtrans", *TARGET]).data)
 
 
+@pytest.mark.slow
 def test_a_source_run_of_the_vit_learns_the_printed_digits(source_run):
     summary = json.loads((source_run / "summary.json").read_text())
     # 98% on the printed holdout, 61% on the handwritten digits, against 10% by chance
     assert summary["val_acc_last"] > 0.8 and summary["test_acc_last"] > 0.4, summary
 
 
+@pytest.mark.slow
 def test_cadtrans_trains_its_assistant_and_keeps_the_vit(tmp_path, source_run, target_splits):
     # four epochs of the 1,438 target images with the method's defaults (SGD at 1e-3)
     cfg = load_config(None, [f"out_dir={tmp_path}", "method.name=cadtrans", f"model.init_from={source_run}", *TARGET,

@@ -290,6 +290,7 @@ def _source_target_acc(trainer):
     return acc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["shot", "shot_im", "nrc", "aad"])
 def test_adaptation_raises_the_target_accuracy(tmp_path, source_run, target_splits, method):
     # two epochs of the 1,438 target images with each method's default optimizer (lr 1e-2 or 1e-3)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -20,6 +19,7 @@ from ..models import FeatureTap, PenultimateTap, prepool_names
 from ..nn import kl_div, resize_to, step_generator
 from .sfda import centroid_pseudo_labels, im_terms
 from .shot import SHOT
+from .views import resized_crops
 
 
 # ------------------------------------------------------------------------------------------- the losses
@@ -58,35 +58,9 @@ def self_distillation(head_logits: Sequence[Tensor], logits: Tensor) -> Tensor:
 
 def local_crops(x: Tensor, generator: torch.Generator | None = None, scale: tuple[float, float] = (0.25, 1.0),
                 ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> Tensor:
-    """A random resized crop of every image of ``x``, resampled bilinearly to the full size: torchvision's
-    ``RandomResizedCrop(size, scale=(0.25, 1))``, the local view of ARFNet's ``TwoCropTransform``, drawn on
-    ``x``'s device from ``generator``.
-
-    A crop keeps a fraction ``s ~ U(scale)`` of the area at an aspect ratio log-uniform in ``ratio``; of
-    ``attempts`` draws the first that fits is taken (the whole image when none does). Its position is
-    uniform over the image; sizes and offsets are continuous, not rounded to pixels. The crop is
-    geometric, so ``x`` may be normalised already."""
-    n, c, h, w = x.shape
-    dev = x.device
-
-    def uniform(lo: float, hi: float, *shape: int) -> Tensor:
-        return torch.empty(shape, device=dev).uniform_(lo, hi, generator=generator)
-
-    area = uniform(scale[0], scale[1], n, attempts)
-    r = uniform(math.log(ratio[0]), math.log(ratio[1]), n, attempts).exp()
-    fw = torch.sqrt(area * r * h / w)  # crop width / image width
-    fh = torch.sqrt(area / r * w / h)
-    fits = (fw <= 1.0) & (fh <= 1.0)
-    first = fits.float().argmax(1, keepdim=True)
-    found = fits.any(1)
-    fw = torch.where(found, fw.gather(1, first).squeeze(1), 1.0)
-    fh = torch.where(found, fh.gather(1, first).squeeze(1), 1.0)
-    cx = (1.0 - fw) * (2.0 * uniform(0.0, 1.0, n) - 1.0)  # centre in [-1 + fw, 1 - fw]
-    cy = (1.0 - fh) * (2.0 * uniform(0.0, 1.0, n) - 1.0)
-    zero = torch.zeros_like(fw)
-    theta = torch.stack([torch.stack([fw, zero, cx], 1), torch.stack([zero, fh, cy], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), [n, c, h, w], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    """The local view of ARFNet's ``TwoCropTransform``: ``RandomResizedCrop(size, scale=(0.25, 1))`` of every
+    image (:func:`mentor.adapt.views.resized_crops`, no flip)."""
+    return resized_crops(x, 1, generator, scale, ratio, attempts)
 
 
 # ---------------------------------------------------------------------------- attention residual fusion

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -17,6 +16,7 @@ from ..errors import ConfigError
 from ..methods import MethodConfig, StepContext, register_method
 from ..nn import norm_affine, replace_norm
 from .base import TestTimeMethod
+from .views import resized_crops
 
 # -- AdaMixBN ------------------------------------------------------------------------------------------
 
@@ -163,39 +163,10 @@ def gem_aug(logits: Tensor, teacher_logits: Tensor) -> Tensor:
 def crop_flip_views(x: Tensor, views: int, generator: torch.Generator | None = None,
                     scale: tuple[float, float] = (0.8, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3),
                     attempts: int = 10) -> Tensor:
-    """``views`` random horizontal flips and resized crops of every image of ``x``, sample-major
-    (``[N * views, C, H, W]``, the views of image 0 first), on ``x``'s device: the reference's test-time
-    augmentation (torchvision ``RandomHorizontalFlip`` then ``RandomResizedCrop(size, scale=(0.8, 1))``).
-
-    A crop keeps a fraction ``s ~ U(scale)`` of the area at an aspect ratio ``r`` log-uniform in ``ratio``;
-    of ``attempts`` draws the first that fits the image is taken (the whole image when none does, as
-    torchvision does for images whose aspect ratio lies in ``ratio``). Its position is uniform over the
-    image, and it is resampled bilinearly to the full size. Sizes and offsets are continuous, not rounded
-    to pixels. The crops are geometric, so ``x`` may be normalised already."""
-    n, c, h, w = x.shape
-    m = n * views
-    dev = x.device
-
-    def uniform(lo: float, hi: float, *shape: int) -> Tensor:
-        return torch.empty(shape, device=dev).uniform_(lo, hi, generator=generator)
-
-    area = uniform(scale[0], scale[1], m, attempts)
-    r = uniform(math.log(ratio[0]), math.log(ratio[1]), m, attempts).exp()
-    fw = torch.sqrt(area * r * h / w)  # crop width / image width
-    fh = torch.sqrt(area / r * w / h)
-    fits = (fw <= 1.0) & (fh <= 1.0)
-    first = fits.float().argmax(1, keepdim=True)
-    found = fits.any(1)
-    fw = torch.where(found, fw.gather(1, first).squeeze(1), 1.0)
-    fh = torch.where(found, fh.gather(1, first).squeeze(1), 1.0)
-    cx = (1.0 - fw) * (2.0 * uniform(0.0, 1.0, m) - 1.0)  # centre in [-1 + fw, 1 - fw]
-    cy = (1.0 - fh) * (2.0 * uniform(0.0, 1.0, m) - 1.0)
-    flip = torch.where(uniform(0.0, 1.0, m) < 0.5, -1.0, 1.0)
-    zero = torch.zeros_like(fw)
-    theta = torch.stack([torch.stack([flip * fw, zero, cx], 1), torch.stack([zero, fh, cy], 1)], 1)
-    src = x.unsqueeze(1).expand(n, views, c, h, w).reshape(m, c, h, w)
-    grid = F.affine_grid(theta.to(src.dtype), [m, c, h, w], align_corners=False)
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    """``views`` random horizontal flips and resized crops of every image of ``x``, sample-major: the
+    reference's test-time augmentation (torchvision ``RandomHorizontalFlip`` then
+    ``RandomResizedCrop(size, scale=(0.8, 1))``), by :func:`mentor.adapt.views.resized_crops`."""
+    return resized_crops(x, views, generator, scale, ratio, attempts, flip=True)
 
 
 # -- the method ----------------------------------------------------------------------------------------
