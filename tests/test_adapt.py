@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from _adapt_shift import digit_shift, train_bn_source
 from _helpers import BNNet  # noqa: F401  (registers test_bncnn)
 
 import mentor.adapt.base as tta
@@ -22,21 +23,7 @@ from mentor.models import create_model
 pytest.importorskip("sklearn")
 
 
-def _shift(root=None, classes=10, **_):
-    ds = load_dataset("digits", "test")
-    keep = ds.labels < classes
-
-    def part(images):
-        return ArrayDataset(images[keep].contiguous(), ds.labels[keep], classes, "digits", ds.classes[:classes],
-                            ds.mean, ds.std)
-
-    return DomainSet("test_digit_shift", {"clean": part(ds.images), "dark": part(ds.images // 2),
-                                          "inverted": part(255 - ds.images)})
-
-
-if "test_digit_shift" not in DOMAIN_SETS:
-    register_domains("test_digit_shift")(_shift)
-    register_domains("test_three_classes")(lambda root=None, **kw: _shift(classes=3))
+_shift = digit_shift
 
 if "test_entropy_tta" not in METHODS:
 
@@ -72,12 +59,7 @@ if "test_episodic_tta" not in METHODS:
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("source") / "run"
-    train(load_config(None, [f"out_dir={out}", "data.name=digits", "data.val_size=200", "data.batch_size=32",
-                             "data.padding=1", "data.flip=false", "model.name=test_bncnn", "trainer.max_steps=30",
-                             "trainer.eval_every=30", "trainer.ckpt_every=30", "trainer.progress=false",
-                             "optim.lr=0.1"]))
-    return out
+    return train_bn_source(tmp_path_factory)
 
 
 def _run(tmp_path, source_run, method, setting="reset", shift="test_digit_shift", *extra):

@@ -164,17 +164,28 @@ TARGET = [*VIT, "data.name=digits_domains", "data.domains=[handwritten]", "data.
           "data.augment=none", "data.padding=0", "data.flip=false", "trainer.progress=false", "trainer.log_every=1"]
 
 
-@pytest.fixture(scope="module")
-def source_run(tmp_path_factory):
-    """The source run of a two-block ViT on 2x2 patches of 4x4 pixels: ERM (AdamW) on the four printed font
-    families, 300 steps."""
+def _source(tmp_path_factory, steps):
     out = tmp_path_factory.mktemp("printed") / "run"
     train(load_config(None, [f"out_dir={out}", *VIT, "data.name=digits_domains",
                              "data.domains=[dejavu,liberation,freefont,urw]", "data.test_domains=[handwritten]",
                              "data.batch_size=64", "data.augment=none", "trainer.progress=false", "method.name=erm",
-                             "optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=0.05", "trainer.max_steps=300",
-                             "trainer.eval_every=300", "trainer.ckpt_every=300", "trainer.log_every=300"]))
+                             "optim.name=adamw", "optim.lr=2e-3", "optim.weight_decay=0.05",
+                             f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", f"trainer.ckpt_every={steps}",
+                             f"trainer.log_every={steps}"]))
     return out
+
+
+@pytest.fixture(scope="module")
+def source_run(tmp_path_factory):
+    """A two-block ViT on 2x2 patches of 4x4 pixels, ERM (AdamW) on the printed font families for 20 steps:
+    a source for the mechanics tests."""
+    return _source(tmp_path_factory, 20)
+
+
+@pytest.fixture(scope="module")
+def trained_source(tmp_path_factory):
+    """The same ViT trained 300 steps."""
+    return _source(tmp_path_factory, 300)
 
 
 @pytest.fixture(scope="module")
@@ -185,14 +196,16 @@ def target_splits():
 
 
 @pytest.mark.slow
-def test_a_source_run_of_the_vit_learns_the_printed_digits(source_run):
+def test_a_source_run_of_the_vit_learns_the_printed_digits(trained_source):
+    source_run = trained_source
     summary = json.loads((source_run / "summary.json").read_text())
     # 98% on the printed holdout, 61% on the handwritten digits, against 10% by chance
     assert summary["val_acc_last"] > 0.8 and summary["test_acc_last"] > 0.4, summary
 
 
 @pytest.mark.slow
-def test_cadtrans_trains_its_assistant_and_keeps_the_vit(tmp_path, source_run, target_splits):
+def test_cadtrans_trains_its_assistant_and_keeps_the_vit(tmp_path, trained_source, target_splits):
+    source_run = trained_source
     # four epochs of the 1,438 target images with the method's defaults (SGD at 1e-3)
     cfg = load_config(None, [f"out_dir={tmp_path}", "method.name=cadtrans", f"model.init_from={source_run}", *TARGET,
                              "data.batch_size=64", "trainer.max_steps=88", "trainer.eval_every=88",

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _adapt_shift import digit_shift, train_bn_source
 from _helpers import BNNet, FixedMLP
 from _nosync import NoHostSync
 from torch import nn
@@ -23,10 +24,8 @@ from mentor.adapt.domain_adaptor import (
     gem_temperature,
     mixture_coefficient,
 )
-from mentor.config import ConfigError, load_config
-from mentor.data import ArrayDataset, load_dataset
-from mentor.data.domains import DOMAIN_SETS, DomainSet, register_domains
-from mentor.engine import train
+from mentor.config import ConfigError
+from mentor.data import load_dataset
 from mentor.engine.adapt import AdaptPlan, adapt, build_adapt_config
 from mentor.methods import BuildInfo, StepContext, create_method
 from mentor.models import create_model
@@ -410,31 +409,12 @@ def test_a_network_without_batchnorm2d_is_a_config_error():
 # -- through the runner --------------------------------------------------------------------------------
 
 
-def _shift(root=None, classes=10, **_):
-    ds = load_dataset("digits", "test")
-    keep = ds.labels < classes
-
-    def part(images):
-        return ArrayDataset(images[keep].contiguous(), ds.labels[keep], classes, "digits", ds.classes[:classes],
-                            ds.mean, ds.std)
-
-    return DomainSet("test_digit_shift", {"clean": part(ds.images), "dark": part(ds.images // 2),
-                                          "inverted": part(255 - ds.images)})
-
-
-if "test_digit_shift" not in DOMAIN_SETS:
-    register_domains("test_digit_shift")(_shift)
+_shift = digit_shift
 
 
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory):
-    pytest.importorskip("sklearn")
-    out = tmp_path_factory.mktemp("source") / "run"
-    train(load_config(None, [f"out_dir={out}", "data.name=digits", "data.val_size=200", "data.batch_size=32",
-                             "data.padding=1", "data.flip=false", "model.name=test_bncnn", "trainer.max_steps=30",
-                             "trainer.eval_every=30", "trainer.ckpt_every=30", "trainer.progress=false",
-                             "optim.lr=0.1"]))
-    return out
+    return train_bn_source(tmp_path_factory)
 
 
 def test_a_run_through_the_runner_predicts_as_the_written_out_method(tmp_path, source_run):
