@@ -3,6 +3,7 @@ with held-out domains reported one by one, no data at all, and a network started
 
 from dataclasses import dataclass
 
+import _dg  # noqa: F401  (registers test_digit_domains)
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +14,7 @@ from _helpers import (
 from torch import nn
 
 from mentor.config import ConfigError, load_config
-from mentor.data import ArrayDataset, load_dataset
-from mentor.data.domains import DOMAIN_SETS, DomainSet, register_domains
+from mentor.data import load_dataset
 from mentor.engine import Trainer, train
 from mentor.errors import DataError
 from mentor.methods import METHODS, NO_DATA, Inputs, Method, MethodConfig, Phase, StepContext, register_method
@@ -104,24 +104,6 @@ def test_too_many_labels_per_class_is_a_clear_error(tmp_path):
 
 # -------------------------------------------------------------------------------------------- domains
 
-
-def _digit_domains(root=None, **_):
-    """Three domains made from the digits: as they are, inverted, and rolled by two pixels."""
-    ds = load_dataset("digits", "train")
-    n = len(ds) // 3
-
-    def part(images, sl):
-        return ArrayDataset(images[sl].contiguous(), ds.labels[sl], 10, "digits", ds.classes, ds.mean, ds.std)
-
-    return DomainSet("test_digit_domains", {
-        "plain": part(ds.images, slice(0, n)),
-        "inverted": part(255 - ds.images, slice(n, 2 * n)),
-        "rolled": part(torch.roll(ds.images, 2, dims=3), slice(2 * n, 3 * n)),
-    })
-
-
-if "test_digit_domains" not in DOMAIN_SETS:
-    register_domains("test_digit_domains")(_digit_domains)
 
 if "test_domain_peek" not in METHODS:
 

@@ -190,8 +190,15 @@ class DataConfig:
     Domains: ``name`` may be a domain set (``rotated_fmnist``, ``digits_domains``, ``domain_folder``,
     ``domain_list``); ``test_domains`` are held out (reported one by one, with their mean and worst),
     ``domains`` are the training domains (default: all the others), each split into a training part
-    and a ``holdout_fraction`` validation part (DomainBed's in/out split, seeded by ``split_seed``);
-    validation is the union of the training domains' holdout parts.
+    and a ``holdout_fraction`` validation part (DomainBed's in/out split, seeded by ``split_seed`` and the
+    domain's position in the set, so a domain splits the same way whether it is trained on or held out);
+    validation (model selection) is the mean accuracy over the training domains' holdout ("out") parts.
+    A held-out domain is split the same way: its "in" part is the reported test split, its "out" part the
+    oracle's selection split (logged as ``oracle_acc@<domain>``, never used by the engine).
+    ``unlabeled_domains`` are training domains whose labels are dropped (single-labelled-domain and
+    semi-supervised DG): they only feed a method's unlabelled stream, drawn per domain. ``unknown_classes``
+    (names or indices) makes the run open-set: training domains keep the known classes (relabelled in order),
+    held-out domains keep every image with the unknown classes labelled as one extra class.
 
     ``name: image_folder`` reads ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``root`` and
     ``test_root``), resized to ``image_size`` with ``channels`` 1 or 3; ``stream: true`` decodes batches
@@ -210,6 +217,8 @@ class DataConfig:
     domains: list[str | int] | None = None
     test_domains: list[str | int] = field(default_factory=list)
     holdout_fraction: float = 0.2
+    unlabeled_domains: list[str | int] = field(default_factory=list)
+    unknown_classes: list[str | int] = field(default_factory=list)
     batch_size: int = 128
     eval_batch_size: int = 1000
     augment: str = "weak"
@@ -635,6 +644,16 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be < trainer.max_steps={t.max_steps}: "
                           "warm-up would last the whole run; lower schedule.warmup_steps (0 = none)")
     d.test_domains = [str(x) for x in d.test_domains]
+    d.unlabeled_domains = [str(x) for x in d.unlabeled_domains]
+    d.unknown_classes = [str(x) for x in d.unknown_classes]
+    if (d.unlabeled_domains or d.unknown_classes) and not d.test_domains:
+        key = "data.unlabeled_domains" if d.unlabeled_domains else "data.unknown_classes"
+        raise ConfigError(f"{key} belongs to a domain-generalisation run: set data.name to a domain set and "
+                          "data.test_domains to the held-out domain(s)")
+    if set(d.unlabeled_domains) & set(d.test_domains):
+        raise ConfigError(f"data.unlabeled_domains and data.test_domains share "
+                          f"{sorted(set(d.unlabeled_domains) & set(d.test_domains))}: an unlabelled training "
+                          "domain is trained on, a held-out one never is; list each domain in one of them")
     if d.domains is not None:
         d.domains = [str(x) for x in d.domains]
         both = sorted(set(d.domains) & set(d.test_domains))

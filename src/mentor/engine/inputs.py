@@ -29,8 +29,10 @@ class Splits:
 
     ``train`` is the labelled training data (pooled over the training domains; None when the method
     takes no data), ``val`` selects the model, ``test`` is the test split, or the first of ``tests``
-    when several named test splits are reported (held-out domains). ``unlabeled`` is the unlabelled
-    pool and ``domains`` the training domains' labelled parts, where the recipe has them.
+    when several named test splits are reported (held-out domains' "in" parts). ``unlabeled`` is the
+    unlabelled pool and ``domains`` the training domains' labelled parts, where the recipe has them;
+    ``val_parts`` (per training domain), ``oracle`` (held-out domains' "out" parts) and
+    ``unlabeled_domains`` (the pool per domain) exist for domain sets.
     """
 
     train: ArrayDataset | None
@@ -40,6 +42,9 @@ class Splits:
     unlabeled: ArrayDataset | None = None
     domains: dict[str, ArrayDataset] | None = None
     tests: dict[str, ArrayDataset] | None = None
+    val_parts: dict[str, ArrayDataset] | None = None  # each training domain's holdout ("out") part
+    oracle: dict[str, ArrayDataset] | None = None  # each held-out domain's "out" part (the oracle's split)
+    unlabeled_domains: dict[str, ArrayDataset] | None = None  # the unlabelled pool, per domain
 
     def test_splits(self) -> dict[str, ArrayDataset]:
         """The named test splits a run reports (one split named "test" for an ordinary dataset)."""
@@ -117,10 +122,49 @@ def _unlabeled_pool(train: ArrayDataset, labelled: int, cfg: DataConfig) -> Arra
     return train.subset(long_tailed_subset(train.labels, cfg.unlabeled_imbalance, seed=cfg.label_seed))
 
 
+def _known_classes(cfg: DataConfig, classes: list[str]) -> Tensor | None:
+    """``data.unknown_classes`` as a map old label -> new label (known classes 0..K-1 in order, unknown
+    ones K); None for a closed-set run."""
+    if not cfg.unknown_classes:
+        return None
+    unknown = set()
+    for c in cfg.unknown_classes:
+        if c in classes:
+            unknown.add(classes.index(c))
+        elif c.isdigit() and int(c) < len(classes):
+            unknown.add(int(c))
+        else:
+            raise ConfigError(f"data.unknown_classes: {cfg.name} has no class {c!r}.{suggest(c, classes)} Name "
+                              f"classes or give indices 0..{len(classes) - 1}: {', '.join(classes)}")
+    known = [i for i in range(len(classes)) if i not in unknown]
+    if len(known) < 2:
+        raise ConfigError(f"data.unknown_classes leaves {len(known)} known class(es) of {cfg.name}: an open-set "
+                          "run needs at least two known classes to classify; list fewer unknown classes")
+    remap = torch.full((len(classes),), len(known), dtype=torch.long)
+    remap[known] = torch.arange(len(known))
+    return remap
+
+
+def _relabel(ds: ArrayDataset, remap: Tensor | None, keep_unknown: bool) -> ArrayDataset:
+    """``ds`` with the open-set labels: known classes renumbered; unknown images dropped, or (held-out
+    domains) kept with the label K."""
+    if remap is None:
+        return ds
+    k = int(remap.max())
+    labels = remap[ds.labels]
+    keep = torch.arange(len(labels)) if keep_unknown else torch.nonzero(labels < k).flatten()
+    known = [c for i, c in enumerate(ds.classes) if int(remap[i]) < k]
+    return ArrayDataset(ds.images[keep], labels[keep], k, ds.name, known, ds.mean, ds.std)
+
+
 def _domain_splits(cfg: DataConfig, domain_set) -> Splits:
-    """Training domains split into (train, holdout); held-out domains are the test splits."""
+    """DomainBed's protocol: every domain split into "in" and "out" parts, seeded by ``split_seed`` and the
+    domain's position in the set. Training domains train on their "in" part and validate on their "out"
+    part; held-out domains report their "in" part and keep the "out" part for the oracle. A domain the
+    method also trains on without labels (a source-free target) is reported whole."""
     names = domain_set.names()
     tests = domain_set.check_names(cfg.test_domains, "data.test_domains")
+    unlabeled = domain_set.check_names(cfg.unlabeled_domains, "data.unlabeled_domains")
     train_names = (domain_set.check_names(cfg.domains, "data.domains") if cfg.domains is not None
                    else [n for n in names if n not in tests])
     if not train_names:
@@ -129,20 +173,52 @@ def _domain_splits(cfg: DataConfig, domain_set) -> Splits:
     if not tests:
         raise ConfigError(f"data.test_domains is empty: name the held-out domain(s) of {cfg.name}, "
                           f"one or more of {', '.join(names)}")
-    parts, holdouts = {}, []
-    for i, name in enumerate(train_names):
+    stray = [n for n in unlabeled if n not in train_names]
+    if stray:
+        raise ConfigError(f"data.unlabeled_domains lists {stray}, which this run does not train on (training "
+                          f"domains: {', '.join(train_names)}); an unlabelled domain must be a training domain")
+    labelled = [n for n in train_names if n not in unlabeled]
+    if not labelled:
+        raise ConfigError(f"data.unlabeled_domains holds every training domain ({', '.join(train_names)}): keep "
+                          "at least one labelled domain")
+    remap = _known_classes(cfg, domain_set.classes)
+
+    def in_out(name: str) -> tuple[ArrayDataset, ArrayDataset]:
         ds = domain_set.domains[name]
-        tr, ho = stratified_split(ds.labels, cfg.holdout_fraction, seed=cfg.split_seed + 1000 * i)
-        parts[name] = ds.subset(tr)
-        holdouts.append(ds.subset(ho))
-    first = domain_set.first
-    pooled = _concat(list(parts.values()), first, f"{cfg.name}:{'+'.join(train_names)}")
-    keep = _labelled_positions(pooled.labels, cfg)
-    val = _concat(holdouts, first, f"{cfg.name}:holdout")
-    test_sets = {n: domain_set.domains[n] for n in tests}
-    return Splits(train=pooled.subset(keep), val=val, test=next(iter(test_sets.values())),
-                  train_index=keep, unlabeled=_unlabeled_pool(pooled, len(keep), cfg),
-                  domains=parts, tests=test_sets)
+        tr, ho = stratified_split(ds.labels, cfg.holdout_fraction, seed=cfg.split_seed + 1000 * names.index(name))
+        return ds.subset(tr), ds.subset(ho)
+
+    parts, val_parts, pools, positions, offset = {}, {}, {}, [], 0
+    for name in train_names:
+        inside, outside = (_relabel(p, remap, keep_unknown=False) for p in in_out(name))
+        if len(inside) == 0 or len(outside) == 0:
+            raise ConfigError(f"data.unknown_classes leaves training domain {name!r} without images of a known "
+                              "class (in its training or holdout part): list fewer unknown classes, or leave that "
+                              "domain out with data.domains")
+        if name in unlabeled:
+            pools[name] = inside
+        else:
+            keep = _labelled_positions(inside.labels, cfg)
+            parts[name], val_parts[name] = inside.subset(keep), outside
+            positions.append(keep + offset)
+            if len(keep) < len(inside):
+                pools[name] = inside
+        offset += len(inside)
+    tests_in, oracle = {}, {}
+    for name in tests:
+        if name in train_names:  # a source-free target: adapted to and reported whole
+            tests_in[name] = _relabel(domain_set.domains[name], remap, keep_unknown=True)
+        else:
+            tests_in[name], oracle[name] = (_relabel(p, remap, keep_unknown=True) for p in in_out(name))
+    first = parts[labelled[0]]
+    pooled = _concat(list(parts.values()), first, f"{cfg.name}:{'+'.join(labelled)}")
+    val = _concat(list(val_parts.values()), first, f"{cfg.name}:holdout")
+    pool = _concat(list(pools.values()), first, f"{cfg.name}:unlabelled") if pools else None
+    if pool is not None and cfg.unlabeled_imbalance is not None:
+        pool = pool.subset(long_tailed_subset(pool.labels, cfg.unlabeled_imbalance, seed=cfg.label_seed))
+    return Splits(train=pooled, val=val, test=next(iter(tests_in.values())), train_index=torch.cat(positions),
+                  unlabeled=pool, domains=parts, tests=tests_in, val_parts=val_parts, oracle=oracle,
+                  unlabeled_domains=pools if pools else None)
 
 
 def _concat(parts: list[ArrayDataset], like: ArrayDataset, name: str) -> ArrayDataset:
@@ -245,9 +321,14 @@ def view_keys(prefix: str, names: tuple[str, ...] | list[str]) -> list[str]:
 class _Part:
     """One stream of the batch: a loader (or one per domain) and the views made of its images."""
 
-    def __init__(self, loaders: list, views: list, prefix: str, tag: int):
+    def __init__(self, loaders: list, views: list, prefix: str, tag: int, sizes: list[int] | None = None):
         self.loaders, self.views, self.prefix, self.tag = loaders, views, prefix, tag
         self.keys = view_keys(prefix, [name for name, _ in views])
+        # where each domain's images start in the concatenation of the domains (``index``, ``u_index``)
+        self.per_domain = sizes is not None  # drawn domain by domain, with ``domain`` / ``u_domain``
+        self.offsets = [0]
+        for n in (sizes or [])[:-1]:
+            self.offsets.append(self.offsets[-1] + n)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -283,7 +364,6 @@ class TrainInputs:
         ref = splits.reference
         self.mean, self.std = stat_tensors(ref, device)
         self.parts: list[_Part] = []
-        self._offsets: list[int] = [0]
 
         def loader(ds, batch, salt):
             if isinstance(ds, ArrayDataset):
@@ -301,16 +381,21 @@ class TrainInputs:
                                       f"(rotated_fmnist, digits_domains, domain_folder, ...), not {cfg.name!r}")
                 doms = list(splits.domains.values())
                 loaders = [loader(d, cfg.batch_size, 1 + i) for i, d in enumerate(doms)]
-                for d in doms[:-1]:
-                    self._offsets.append(self._offsets[-1] + len(d))
+                sizes = [len(d) for d in doms]
             else:
-                loaders = [loader(splits.train, cfg.batch_size, 0)]
-            self.parts.append(_Part(loaders, views(inputs.labeled), "x", 0))
+                loaders, sizes = [loader(splits.train, cfg.batch_size, 0)], None
+            self.parts.append(_Part(loaders, views(inputs.labeled), "x", 0, sizes))
         if inputs.unlabeled:
-            pool = splits.unlabeled if splits.unlabeled is not None else splits.train
             # source-free (no labelled part): the unlabelled target batch is data.batch_size images
             mu_batch = max(1, round(cfg.unlabeled_ratio * cfg.batch_size)) if inputs.labeled else cfg.batch_size
-            self.parts.append(_Part([loader(pool, mu_batch, 7919)], views(inputs.unlabeled), "u", 1))
+            if inputs.domains and inputs.labeled and splits.unlabeled_domains:
+                # per-domain pools (semi-supervised and single-labelled-domain DG): mu * B from each, u_domain
+                pools = list(splits.unlabeled_domains.values())
+                loaders = [loader(p, mu_batch, 7919 + i) for i, p in enumerate(pools)]
+                self.parts.append(_Part(loaders, views(inputs.unlabeled), "u", 1, [len(p) for p in pools]))
+            else:
+                pool = splits.unlabeled if splits.unlabeled is not None else splits.train
+                self.parts.append(_Part([loader(pool, mu_batch, 7919)], views(inputs.unlabeled), "u", 1))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -318,11 +403,11 @@ class TrainInputs:
         return max([p.steps_per_epoch for p in self.parts] or [1])
 
     def _draw(self, part: _Part, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        if len(part.loaders) == 1:
+        if not part.per_domain:
             x, y = part.loaders[0].batch(step)
             return x, y, part.loaders[0].indices(step).to(self.device), None
         xs, ys, idx, dom = [], [], [], []
-        for i, (ld, off) in enumerate(zip(part.loaders, self._offsets)):
+        for i, (ld, off) in enumerate(zip(part.loaders, part.offsets)):
             x, y = ld.batch(step)
             xs.append(x)
             ys.append(y)
@@ -367,6 +452,8 @@ class TrainInputs:
                     batch["domain"] = domain
             else:
                 batch.update(u_index=index, _u_y=y)
+                if domain is not None:
+                    batch["u_domain"] = domain
             for i, ((_, aug), key) in enumerate(zip(part.views, part.keys)):
                 x = self._augment(aug, x_u8.float().div_(255.0), part, step, i)
                 x = (x - self.mean) / self.std

@@ -85,7 +85,9 @@ def build_info(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_e
                      train_size=len(splits.train) if splits.train is not None else 0,
                      unlabeled_size=len(pool) if pool is not None else 0,
                      max_steps=cfg.trainer.max_steps, steps_per_epoch=steps_per_epoch, device=str(device),
-                     mean=tuple(float(m) for m in ref.mean), std=tuple(float(v) for v in ref.std))
+                     mean=tuple(float(m) for m in ref.mean), std=tuple(float(v) for v in ref.std),
+                     num_domains=len(splits.domains or {}), domain_names=tuple(splits.domains or ()),
+                     unlabeled_domains=tuple(splits.unlabeled_domains or ()), open_set=bool(cfg.data.unknown_classes))
 
 
 def init_network(net: nn.Module, path: str, info: BuildInfo, model: str) -> None:
@@ -362,16 +364,39 @@ class Trainer:
         """``net`` on every test split. One test split: ``test_<key><suffix>``. Held-out domains:
         ``test_<key><suffix>@<domain>`` each, their mean as ``test_<key><suffix>`` and the worst (lowest
         for a number selected by "max", else highest) as ``test_<key><suffix>@worst``."""
-        tests = self.splits.test_splits()
         if not self.splits.tests:
-            return self._score(net, next(iter(tests.values())), "test_", suffix)
-        per = {name: self._score(net, split, "test_", suffix) for name, split in tests.items()}
+            return self._score(net, self.splits.test, "test_", suffix)
+        return self._score_named(net, self.splits.tests, "test_", suffix)
+
+    def _score_named(self, net: nn.Module, splits: dict, prefix: str, suffix: str = "",
+                     worst: bool = True) -> dict[str, float]:
+        """``net`` on named splits: ``<prefix><key><suffix>@<name>`` each, their mean as
+        ``<prefix><key><suffix>`` (every domain weighs the same, as DomainBed averages its environments)
+        and, with ``worst``, the worst as ``...@worst``."""
+        per = {name: self._score(net, split, prefix, suffix) for name, split in splits.items()}
         out: dict[str, float] = {}
         for key in next(iter(per.values())):
-            values = [per[name][key] for name in tests]
+            values = [per[name][key] for name in splits]
             out[key] = sum(values) / len(values)
-            out[f"{key}@worst"] = min(values) if self.mode == "max" else max(values)
-            out.update({f"{key}@{name}": per[name][key] for name in tests})
+            if worst:
+                out[f"{key}@worst"] = min(values) if self.mode == "max" else max(values)
+            out.update({f"{key}@{name}": per[name][key] for name in splits})
+        return out
+
+    def _score_val(self, net: nn.Module, suffix: str = "") -> dict[str, float]:
+        """Validation numbers: per training domain and their mean for a domain set, else the split's."""
+        if self.splits.val_parts:
+            return self._score_named(net, self.splits.val_parts, "val_", suffix, worst=False)
+        return self._score(net, self.splits.val, "val_", suffix)
+
+    def _score_held_out(self, net: nn.Module) -> dict[str, float]:
+        """At every evaluation of a run with held-out domains, each one's "in" part (``test_<key>@<domain>``)
+        and "out" part (``oracle_<key>@<domain>``), as DomainBed records every environment at every
+        checkpoint: the selection methods of :mod:`mentor.generalize.selection` read them afterwards. The
+        engine selects on validation only."""
+        out = {k: v for k, v in self._score_named(net, self.splits.tests, "test_", worst=False).items() if "@" in k}
+        if self.splits.oracle:
+            out.update(self._score_named(net, self.splits.oracle, "oracle_", worst=False))
         return out
 
     def _better(self, value: float) -> bool:
@@ -382,14 +407,14 @@ class Trainer:
 
     def evaluate(self, step: int, logger: RunLogger) -> None:
         self.method.eval()
-        val = self.splits.val
-        vals = self._score(self.method.deployable(), val, "val_")
+        vals = self._score_val(self.method.deployable())
         for name, net in self.method.eval_heads().items():
-            vals.update(self._score(net, val, "val_", f"_{name}"))
+            vals.update(self._score_val(net, f"_{name}"))
         if self.ema is not None:
-            vals.update(self._score(self.ema.module, val, "val_", "_ema"))
+            vals.update(self._score_val(self.ema.module, "_ema"))
+        held_out = self._score_held_out(self.method.deployable()) if self.splits.tests else {}
         self.method.train()
-        logger.eval(step, vals)
+        logger.eval(step, {**vals, **held_out})
         value = vals[f"val_{self.metric}"]
         if self._better(value):
             best = {"step": step, "model": self.method.deployable().state_dict(),
@@ -425,7 +450,7 @@ class Trainer:
         lrs = {p.name: o.param_groups[0]["lr"] for p, o in zip(self.phases, self.optimizers)}
         ctx = StepContext(step=step, max_steps=t.max_steps, steps_per_epoch=self.inputs.steps_per_epoch, lrs=lrs)
         for phase, opt in zip(self.phases, self.optimizers):
-            if isinstance(step, int) and step % phase.every:
+            if isinstance(step, int) and not phase.due(step):
                 continue
             ctx.phase = phase.name
             opt.zero_grad(set_to_none=True)
@@ -533,6 +558,7 @@ class Trainer:
                         lr = float(self.optimizers[0].param_groups[0]["lr"])
                         logger.train(done, values, lr, rate, eta)
                     if do_eval:
+                        self.method.before_eval(self._refresh())
                         self.evaluate(done, logger)
                     if do_ckpt:
                         self.save(done)
@@ -585,6 +611,11 @@ class Trainer:
             out.update(self._score_tests(net, "_best"))
         if self.method.inputs.unlabeled and not self.method.inputs.labeled:
             out["best_selected_on"] = "labelled target holdout: *_best is the oracle column, *_last the headline"
+        elif self.splits.oracle:
+            out.update(self._score_named(self.method.deployable(), self.splits.oracle, "oracle_", "_last", False))
+            out["best_selected_on"] = ("training-domain validation (mean accuracy over the training domains' holdout "
+                                       "parts): *_best is the headline; oracle_*_last is each held-out domain's "
+                                       "holdout part at the last step, for oracle selection")
         out["wall_s"] = self.history_wall + (time.perf_counter() - self._t0)
         # over every session of the run (a resume that trains nothing reports the earlier sessions' rate)
         out["train_img_s"] = self.train_images / self.train_seconds if self.train_seconds > 0 else None

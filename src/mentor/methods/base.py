@@ -52,6 +52,7 @@ sub-modules, so checkpoints and optimizers see them.
   on resume at an epoch boundary), with a :class:`Refresh` giving the training splits and the
   evaluator: pseudo-label refresh (SHOT), memory-bank rebuild. It must be a deterministic function of
   the method's state so resume stays exact.
+- :meth:`before_eval` runs on the host before every evaluation (BN statistics of averaged weights).
 - :meth:`reset` restores the state captured by :meth:`snapshot` (episodic test-time adaptation).
 
 **Rules the engine checks** (a :class:`~mentor.errors.ContractError` naming the rule, at the first step):
@@ -125,6 +126,10 @@ class BuildInfo:
     device: str = "cpu"
     mean: tuple[float, ...] = ()  # per-channel statistics the engine normalises inputs with
     std: tuple[float, ...] = ()
+    num_domains: int = 0  # training domains of a per-domain run (0 otherwise)
+    domain_names: tuple[str, ...] = ()  # the labelled training domains, in batch order (``domain``)
+    unlabeled_domains: tuple[str, ...] = ()  # the per-domain unlabelled pools, in order (``u_domain``)
+    open_set: bool = False  # test splits hold unknown classes, labelled num_classes (data.unknown_classes)
 
 
 @dataclass
@@ -132,12 +137,18 @@ class Phase:
     """One optimizer and the parameters it updates, run every ``every`` steps.
 
     ``optim`` overrides fields of the run's optimizer config for this phase (e.g. ``{"lr": 1e-3}``).
+    ``offset`` shifts the steps it runs at: due when ``(step - offset) % every == 0`` (DANN's
+    alternating discriminator and generator steps are ``every=2`` with offsets 0 and 1).
     """
 
     name: str
     params: list[nn.Parameter]
     every: int = 1
     optim: dict[str, Any] = field(default_factory=dict)
+    offset: int = 0
+
+    def due(self, step: int) -> bool:
+        return (step - self.offset) % self.every == 0
 
 
 @dataclass(frozen=True)
@@ -293,6 +304,11 @@ class Method(nn.Module):
 
     def on_epoch(self, epoch: int, refresh: Refresh) -> None:
         """Before the first step of every epoch, on the host (pseudo-label refresh, memory banks)."""
+
+    def before_eval(self, refresh: Refresh) -> None:
+        """On the host before every evaluation (the last one included): recompute the BatchNorm statistics
+        of averaged weights (SWAD, Lookahead's slow weights) on training batches. Like :meth:`on_epoch` it
+        must be a deterministic function of the method's state, so a resumed run stays exact."""
 
     def snapshot(self) -> None:
         """Remember the current state for :meth:`reset` (the adaptation runner calls it once)."""

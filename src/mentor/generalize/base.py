@@ -1,0 +1,60 @@
+"""What every domain-generalisation method shares: per-domain batches, the features below the classifier,
+and the number of training domains a method needs.
+
+The engine hands a DG method one labelled batch made of ``B`` images from each of the ``D`` training
+domains, in domain order (``batch["domain"]`` holds each image's domain position), so any per-domain
+tensor is a static reshape: :meth:`DomainMethod.per_domain` turns ``[D*B, ...]`` into ``[D, B, ...]``
+with no host synchronisation. :meth:`DomainMethod.features` returns the penultimate features (the input
+of the network's final classifier, read by a forward pre-hook, so any zoo network works) with the logits.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..methods import BuildInfo, Inputs, MethodConfig
+from ..methods.supervised import Supervised
+from ..models.penultimate import PenultimateTap
+
+
+class DomainMethod(Supervised):
+    """Base of the DG methods: cross-entropy over the pooled per-domain batch (ERM), plus helpers.
+
+    ``min_domains``: the fewest training domains the method is defined for (a penalty across domains
+    needs two); a run with fewer stops with one message naming the method and ``data.test_domains``.
+    """
+
+    inputs = Inputs(labeled=("train",), domains=True)
+    min_domains: ClassVar[int] = 1
+
+    def __init__(self, cfg: MethodConfig, student: nn.Module, info: BuildInfo):
+        super().__init__(cfg, student, info)
+        self.num_domains = max(1, info.num_domains)
+        if info.num_domains and info.num_domains < self.min_domains:
+            name = self.method_name or type(self).__name__
+            raise ConfigError(
+                f"method {name} compares training domains and needs at least {self.min_domains}; this run trains on "
+                f"{info.num_domains} ({', '.join(info.domain_names) or 'one'}). Hold out fewer domains with "
+                "data.test_domains (or list more in data.domains), or use method.name=erm")
+        self._tap: PenultimateTap | None = None
+
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(features, logits)`` of the student in one forward: the features are the input of its final
+        classifier (:class:`~mentor.models.penultimate.PenultimateTap`), with their autograd graph."""
+        if self._tap is None:
+            self._tap = PenultimateTap(self.student)
+        return self._tap(x)
+
+    @property
+    def classifier_head(self) -> nn.Module:
+        """The student's final classifier (the module the features feed)."""
+        if self._tap is None:
+            self._tap = PenultimateTap(self.student)
+        return self._tap.head
+
+    def per_domain(self, t: Tensor) -> Tensor:
+        """``[D*B, ...] -> [D, B, ...]``: the batch's rows grouped by training domain (a view)."""
+        return t.unflatten(0, (self.num_domains, -1))
