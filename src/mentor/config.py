@@ -167,7 +167,7 @@ class ModelConfig:
        labels_per_class=COUNT.because("null uses every label"), label_seed=SEED,
        unlabeled_ratio=between(0, 256, lo_open=True).because("mu: unlabelled images per labelled one"),
        unlabeled_imbalance=at_least(1).because("largest over smallest class of the unlabelled pool; null = as is"),
-       holdout_fraction=between(0, 1, lo_open=True, hi_open=True), batch_size=between(1, MAX_BATCH),
+       holdout_fraction=between(0, 1, lo_open=True, hi_open=True), domain_limit=COUNT, batch_size=between(1, MAX_BATCH),
        eval_batch_size=COUNT,
        padding=between(0, 128).because("pixels of padding before the random crop"),
        image_size=between(1, 4096).because("the side in pixels images are resized to"),
@@ -199,6 +199,7 @@ class DataConfig:
     semi-supervised DG): they only feed a method's unlabelled stream, drawn per domain. ``unknown_classes``
     (names or indices) makes the run open-set: training domains keep the known classes (relabelled in order),
     held-out domains keep every image with the unknown classes labelled as one extra class.
+    ``domain_limit`` keeps the first N images of every domain of a generated set (a smaller benchmark).
 
     ``name: image_folder`` reads ``root/train/<class>/*`` and ``root/test/<class>/*`` (or ``root`` and
     ``test_root``), resized to ``image_size`` with ``channels`` 1 or 3; ``stream: true`` decodes batches
@@ -218,6 +219,7 @@ class DataConfig:
     test_domains: list[str | int] = field(default_factory=list)
     holdout_fraction: float = 0.2
     unlabeled_domains: list[str | int] = field(default_factory=list)
+    domain_limit: int | None = None
     unknown_classes: list[str | int] = field(default_factory=list)
     batch_size: int = 128
     eval_batch_size: int = 1000

@@ -236,6 +236,11 @@ def load_splits(cfg: DataConfig) -> Splits:
         options = {"image_size": cfg.image_size, "channels": cfg.channels} if cfg.name.startswith("domain_") else {}
         if cfg.name == "domain_folder":
             options["empty_classes"] = cfg.empty_classes
+        if cfg.domain_limit is not None:
+            if cfg.name.startswith("domain_"):
+                raise ConfigError(f"data.domain_limit keeps the first images of a generated domain set "
+                                  f"(rotated_fmnist, digits_domains); {cfg.name} reads your files: remove the key")
+            options["limit"] = cfg.domain_limit
         return _domain_splits(cfg, load_domains(cfg.name, root=cfg.root, **options))
     if cfg.domains or cfg.test_domains:
         raise ConfigError(f"data.domains/data.test_domains need a domain set as data.name, not {cfg.name!r}; "
