@@ -1,16 +1,15 @@
-"""The baselines of the four new families, each through the engine on real data, 3 paired seeds.
+"""The baselines of the semi-supervised and test-time adaptation families, through the engine on real data, 3
+paired seeds (domain generalisation: `benchmarks/generalize.py`).
 
 - ``ssl``: ``supervised`` on ``labels_per_class`` labels (the lower bound) beside ``pseudo_label``,
   which adds the unlabelled stream (the rest of the Fashion-MNIST training split).
-- ``dg``: ``erm`` leave-one-domain-out on ``rotated_fmnist`` (6 rotations) and ``digits_domains``
-  (handwritten and four printed font families), selected on the training domains' holdout split.
 - ``tta``: a ResNet-8 trained on clean Fashion-MNIST (its recipe), then ``source`` and ``norm``
   through ``mentor adapt`` on the 15 corruptions of ``fmnist_c`` at severity 5, reset per shift.
 
 Within a seed the methods of a table share the initial weights, the batch order and the augmentation
 draws, so the gains are paired (mean ± std of the per-seed differences; * where |mean| > 2 std).
 
-    python benchmarks/families.py --suites ssl,dg,tta --seeds 0,1,2
+    python benchmarks/families.py --suites ssl,tta --seeds 0,1,2
     python benchmarks/families.py --report-only
 
 Finished runs (a run directory with summary.json) are reused, so the command can be stopped and started
@@ -39,9 +38,6 @@ SSL = {"recipes": {"supervised": "recipes/semi/fmnist_supervised_40.yaml",
                    "pseudo_label": "recipes/semi/fmnist_pseudo_label.yaml"},
        # mu = 2 instead of USB's 7 keeps a pseudo-label step at ~0.2 s on 2 CPU cores
        "overrides": ["data.unlabeled_ratio=2"]}
-DG = {"digits_domains": ("recipes/generalize/digits_domains_erm.yaml",
-                         ["handwritten", "dejavu", "liberation", "freefont", "urw"]),
-      "rotated_fmnist": ("recipes/generalize/rotated_fmnist_erm.yaml", ["0", "15", "30", "45", "60", "75"])}
 TTA = {"source_recipe": "recipes/supervised/fmnist_resnet8.yaml", "methods": ["source", "norm"],
        "shift": "fmnist_c", "severities": (5,)}
 
@@ -86,33 +82,6 @@ def ssl(out: Path, seeds: list[int], run: bool) -> str:
     return "\n".join(lines)
 
 
-def dg(out: Path, seeds: list[int], run: bool) -> str:
-    parts = []
-    for dataset, (recipe, domains) in DG.items():
-        cells: dict[str, list[dict]] = {}
-        for test in domains:
-            for seed in seeds:
-                d = out / "dg" / dataset / test / f"seed{seed}"
-                if run or (d / "summary.json").is_file():
-                    cells.setdefault(test, []).append(
-                        _train(recipe, d, [f"trainer.seed={seed}", f"data.test_domains=[{test}]"]))
-        head = "| method | " + " | ".join(f"test {t}" for t in domains) + " | average | cost |"
-        row_last = ["erm (last)"] + [mean_std([r["test_acc_last"] for r in cells.get(t, [])]) for t in domains]
-        row_best = ["erm (best val)"] + [mean_std([r["test_acc_best"] for r in cells.get(t, [])]) for t in domains]
-        val = ["training-domain val (best)"] + [mean_std([r["val_acc_best"] for r in cells.get(t, [])])
-                                                for t in domains]
-        avg_last = [statistics.mean(cells[t][i]["test_acc_last"] for t in domains) for i in range(len(seeds))
-                    if all(len(cells.get(t, [])) > i for t in domains)]
-        avg_best = [statistics.mean(cells[t][i]["test_acc_best"] for t in domains) for i in range(len(seeds))
-                    if all(len(cells.get(t, [])) > i for t in domains)]
-        cost = _cost([r for rs in cells.values() for r in rs])
-        parts += [f"\n#### {dataset}\n", head, "|---" * (len(domains) + 3) + "|",
-                  "| " + " | ".join(row_last) + f" | {mean_std(avg_last)} | {cost} |",
-                  "| " + " | ".join(row_best) + f" | {mean_std(avg_best)} | |",
-                  "| " + " | ".join(val) + " | | |"]
-    return "\n".join(parts)
-
-
 def tta(out: Path, seeds: list[int], run: bool) -> str:
     res: dict[str, dict[int, dict]] = {}
     sources = {}
@@ -153,7 +122,7 @@ def tta(out: Path, seeds: list[int], run: bool) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--suites", default="ssl,dg,tta")
+    p.add_argument("--suites", default="ssl,tta")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="runs/bench/families")
     p.add_argument("--report-only", action="store_true")
@@ -163,7 +132,7 @@ def main() -> None:
         THREADS.append(f"trainer.threads={args.threads}")
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)
-    suites = {"ssl": ssl, "dg": dg, "tta": tta}
+    suites = {"ssl": ssl, "tta": tta}
     t0 = time.time()
     sections = []
     for name in args.suites.split(","):
