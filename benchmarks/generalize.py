@@ -101,7 +101,13 @@ def _method_overrides(method: str) -> list[str]:
     if method in OWN_MODEL:
         out += [f"model.{k}={json.dumps(v)}" for k, v in data.get("model", {}).items()]
         out += [f"optim.{k}={json.dumps(v)}" for k, v in data.get("optim", {}).items()]
+        out += [f"trainer.{k}={json.dumps(v)}" for k, v in data.get("trainer", {}).items() if k == "clip_grad"]
     return out
+
+
+# The GFNet is sized for its input: 4x4 patches of a 28x28 image, 2x2 patches of the 8x8 digits.
+OWN_MODEL_KWARGS = {"digits_domains": ['model.kwargs={"image_size": 8, "patch_size": 2}'],
+                    "rotated_fmnist": ['model.kwargs={"image_size": 28}']}
 
 
 def _steps(plan: str) -> int:
@@ -172,13 +178,15 @@ def dg_jobs(out: Path, plan: str, datasets: list[str], methods: list[str], seeds
         for method in methods:
             for test in PLANS[plan]["tests"][dataset]:
                 for seed in seeds:
-                    jobs.append(_job(out, plan, "dg", dataset, method, [test], seed))
+                    jobs.append(_job(out, plan, "dg", dataset, method, [test], seed,
+                                     OWN_MODEL_KWARGS[dataset] if method in OWN_MODEL else []))
                     if method in lodo:
                         jobs += [_job(out, plan, "dg", dataset, method, [test, v], seed)
                                  for v in DOMAINS[dataset] if v != test]
         if any(m in OWN_MODEL for m in methods):  # ERM on the backbone those methods bring
             for m in sorted(OWN_MODEL & set(methods)):
-                model = [a for a in _method_overrides(m) if a.startswith(("model.", "optim."))]
+                model = [a for a in _method_overrides(m) if a.startswith(("model.", "optim.", "trainer."))]
+                model += OWN_MODEL_KWARGS[dataset]
                 for test in PLANS[plan]["tests"][dataset]:
                     for seed in seeds:
                         jobs.append(_job(out, plan, "dg", dataset, "erm", [test], seed, model, label=f"erm@{m}"))

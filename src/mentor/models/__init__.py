@@ -6,7 +6,7 @@ returns logits only. Features are taken with :class:`FeatureTap` (forward hooks 
 :mod:`mentor.models.stages` reads the stage names that methods tap, project or split.
 """
 
-from . import mobilenetv2, resnet, shufflenet, vgg, vit, wrn  # noqa: F401  (importing registers the models)
+from . import gfnet, mobilenetv2, resnet, shufflenet, vgg, vit, wrn  # noqa: F401  (importing registers the models)
 from .common import StagedNet
 from .penultimate import PenultimateTap, classifier_path
 from .registry import MODELS, create_model, list_models, model_info, register_model
