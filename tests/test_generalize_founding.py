@@ -21,7 +21,7 @@ from torch import nn
 from mentor.config import ConfigError
 from mentor.engine import Trainer
 from mentor.generalize.aloft import low_frequency_region, perturb_spectrum
-from mentor.generalize.spurious import restrict_frequencies
+from mentor.generalize.spurious import SpuriousDG, restrict_frequencies
 from mentor.methods import METHODS, BuildInfo, StepContext
 from mentor.models import create_model
 from mentor.models.gfnet import GFNetSizeError, GlobalFilter, gfnet_tiny
@@ -418,49 +418,74 @@ def test_aloft_engine_run_with_gfnet_tiny(tmp_path, mode):
 
 
 # -- spurious_dg -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("h,w", [(6, 7), (8, 8), (5, 4)])
-def test_spurious_frequency_restriction_matches_a_full_numpy_fft_with_a_looped_mask(h, w):
+def numpy_high_pass(pixels, radius):
+    """The authors' filter script, written out: per image and channel, the fftshift-ed FFT2 spectrum loses the
+    disk ``(iy - H/2)^2 + (ix - W/2)^2 < radius^2`` (looped over every bin), and the image is the clipped modulus
+    of the inverse transform."""
+    pixels = np.asarray(pixels, dtype=np.float64)
+    out = np.empty_like(pixels)
+    n, c, h, w = pixels.shape
+    disk = np.zeros((h, w), dtype=bool)
+    for iy in range(h):
+        for ix in range(w):
+            disk[iy, ix] = (iy - h / 2.0) ** 2 + (ix - w / 2.0) ** 2 < radius**2
+    for b in range(n):
+        for ch in range(c):
+            spec = np.fft.fftshift(np.fft.fft2(pixels[b, ch]))
+            kept = np.where(disk, 0, spec)
+            out[b, ch] = np.clip(np.abs(np.fft.ifft2(np.fft.ifftshift(kept))), 0, 1)
+    return out
+
+
+@pytest.mark.parametrize("h,w,ratio", [(8, 8, 0.25), (7, 9, 0.2), (6, 5, 0.1), (28, 28, 0.02), (9, 6, 0.5)])
+def test_spurious_frequency_restriction_matches_the_shifted_numpy_filter_with_a_looped_disk(h, w, ratio):
     torch.manual_seed(h * w)
-    x = torch.randn(4, 2, h, w)
-    radius, keep = torch.tensor([0.5, 0.8, 0.3, 0.6]), torch.tensor([False, False, False, True])
+    pixels = torch.rand(3, 2, h, w)
     with NoHostSync():
-        got = restrict_frequencies(x, radius, keep).numpy()
-    fu, fv = np.fft.fftfreq(h), np.fft.fftfreq(w)
-    for b in range(4):
-        if keep[b]:
-            assert np.allclose(got[b], x[b].numpy())
-            continue
-        mask = np.zeros((h, w))
-        for u in range(h):
-            for v in range(w):
-                mask[u, v] = max(abs(fu[u]), abs(fv[v])) <= radius[b].item() / 2 + 1e-9
-        ref = np.fft.ifft2(np.fft.fft2(x[b].numpy().astype(np.float64)) * mask).real
-        assert np.allclose(got[b], ref, atol=1e-5)
-        assert not np.allclose(got[b], x[b].numpy(), atol=1e-3)
-    full = restrict_frequencies(x, torch.ones(4), torch.zeros(4, dtype=torch.bool))
-    assert torch.allclose(full, x, atol=1e-5)  # radius 1 keeps every frequency
+        got = restrict_frequencies(pixels, ratio).numpy()
+    ref = numpy_high_pass(pixels.numpy(), ratio * h)
+    assert np.allclose(got, ref, atol=1e-5)
+    assert not np.allclose(got, pixels.numpy(), atol=1e-2)  # at least the zero frequency is gone
+    assert torch.allclose(restrict_frequencies(pixels, 0.0), pixels, atol=1e-5)  # no disk: the image itself
+
+
+def test_spurious_restriction_works_on_pixels_and_normalises_again():
+    stats = BuildInfo(num_classes=C, in_channels=2, image_size=6, num_domains=D, mean=(0.4, 0.2), std=(0.3, 0.5))
+    method = SpuriousDG(SpuriousDG.Config(name="spurious_dg", frm_ratio=0.34), TapNet(in_channels=2), stats)
+    pixels = torch.rand(4, 2, 6, 6)
+    mean, std = torch.tensor([0.4, 0.2]).view(1, 2, 1, 1), torch.tensor([0.3, 0.5]).view(1, 2, 1, 1)
+    with NoHostSync():
+        got = method.restrict((pixels - mean) / std)
+    ref = (torch.from_numpy(numpy_high_pass(pixels.numpy(), 0.34 * 6)).float() - mean) / std
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert method.deployable() is method.student
 
 
 class TapNet(nn.Module):
     def __init__(self, num_classes=C, in_channels=1):
         super().__init__()
-        self.layer1, self.fc = nn.Linear(36, 7), nn.Linear(7, num_classes)
+        self.layer1, self.fc = nn.Linear(36 * in_channels, 7), nn.Linear(7, num_classes)
 
     def forward(self, x):
         return self.fc(torch.tanh(self.layer1(x.flatten(1))))
 
 
-def test_spurious_tail_interaction_and_loss_match_a_per_sample_loop():
+def test_spurious_loss_over_both_views_and_tail_interaction_matches_a_per_sample_loop():
     torch.manual_seed(0)
-    method = make("spurious_dg", TapNet(), frm_prob=0.0, tim_weight=0.7).train()
+    method = make("spurious_dg", TapNet(), frm_ratio=0.34, tim_weight=0.7).train()
     batch = dg_batch(3)
+    batch["x"] = torch.rand_like(batch["x"])  # pixels (this method's info has no normalisation)
     with NoHostSync():
         out = method.training_step(batch, ctx())
     net, tim = method.student, method.tim
+    views = np.concatenate([batch["x"].numpy(), numpy_high_pass(batch["x"].numpy(), 0.34 * 6)])
+    y = torch.cat([batch["y"], batch["y"]])
     with torch.no_grad():
-        f = torch.tanh(net.layer1(batch["x"].flatten(1))).double()
-        q, k, v = (torch.nn.functional.linear(f, m.weight.double(), m.bias.double()) for m in (tim.q, tim.k, tim.v))
+        f = torch.tanh(F.linear(torch.from_numpy(views).flatten(1), net.layer1.weight.double(),
+                                net.layer1.bias.double()))
+        q, k, v = (F.linear(f, m.weight.double(), m.bias.double()) for m in (tim.q, tim.k, tim.v))
     n, dim = f.shape
+    assert n == 2 * D * B  # every image of every domain, plain and restricted
     t = []
     for i in range(n):
         scores = [sum(q[i, c] * k[j, c] for c in range(dim)) / math.sqrt(dim) for j in range(n)]
@@ -470,23 +495,21 @@ def test_spurious_tail_interaction_and_loss_match_a_per_sample_loop():
         t.append([f[i, c] + sum(weights[j] / total * v[j, c] for j in range(n)) for c in range(dim)])
     t = torch.tensor(t, dtype=torch.float64)
     fc_w, fc_b = net.fc.weight.double(), net.fc.bias.double()
-    ce = F.cross_entropy(f @ fc_w.t() + fc_b, batch["y"])
-    ti = F.cross_entropy(t @ fc_w.t() + fc_b, batch["y"])
+    ce = F.cross_entropy(f @ fc_w.t() + fc_b, y)
+    ti = F.cross_entropy(t @ fc_w.t() + fc_b, y)
     assert math.isclose(out["ce"].item(), ce.item(), rel_tol=1e-5)
     assert math.isclose(out["tim"].item(), ti.item(), rel_tol=1e-5)
     assert math.isclose(out["loss"].item(), ce.item() + 0.7 * ti.item(), rel_tol=1e-5)
+    plain = (f[: D * B] @ fc_w.t() + fc_b).argmax(1)
+    assert math.isclose(out["train_acc"].item(), (plain == batch["y"]).double().mean().item(), rel_tol=1e-6)
 
 
-def test_spurious_restricts_the_drawn_share_of_the_training_images():
-    method = make("spurious_dg", TapNet(), frm_prob=1.0, frm_min_radius=0.2)
-    x = torch.randn(12, 1, 6, 6)
-    restricted = method.restrict(x, ctx(seed=7))
-    g = torch.Generator().manual_seed(7)
-    torch.rand(12, generator=g)  # the coin of each image (all restricted at probability 1)
-    radius = 0.2 + 0.8 * torch.rand(12, generator=g)
-    assert torch.allclose(restricted, restrict_frequencies(x, radius, torch.zeros(12, dtype=torch.bool)), atol=1e-6)
-    assert torch.equal(make("spurious_dg", TapNet(), frm_prob=0.0).restrict(x, ctx(seed=7)), x)
-    assert method.deployable() is method.student
+def test_spurious_without_restriction_trains_on_the_plain_batch():
+    method = make("spurious_dg", TapNet(), frm_ratio=0.0, tim_weight=0.0)
+    batch = dg_batch(4)
+    out = method.training_step(batch, ctx())
+    assert torch.allclose(out["ce"], F.cross_entropy(method.student(batch["x"]), batch["y"]), atol=1e-6)
+    assert torch.allclose(out["loss"], out["ce"])
 
 
 def test_spurious_engine_run(tmp_path):
@@ -494,7 +517,7 @@ def test_spurious_engine_run(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e["split"] == "train"]
     assert len(train) == 4 and all(math.isfinite(e["loss"]) and {"ce", "tim"} <= set(e) for e in train)
-    assert summary["steps"] == 4
+    assert summary["steps"] == 4 and 0 <= summary["test_acc_last"] <= 1
 
 
 def test_recipes_load():
