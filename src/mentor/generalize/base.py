@@ -12,12 +12,19 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..methods import BuildInfo, Inputs, MethodConfig
 from ..methods.supervised import Supervised
 from ..models.penultimate import PenultimateTap
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """``t`` in float32, or as it is when wider (half-precision logits and features are widened for the
+    penalties and statistics)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 class DomainMethod(Supervised):
@@ -54,6 +61,18 @@ class DomainMethod(Supervised):
         if self._tap is None:
             self._tap = PenultimateTap(self.student)
         return self._tap.head
+
+    @property
+    def feature_width(self) -> int:
+        """The width of the penultimate features: the input width of the student's final classifier (a sized
+        linear layer; anything else is refused with a message naming it)."""
+        head = self.classifier_head
+        width = getattr(head, "in_features", 0)
+        if not isinstance(width, int) or width < 1:
+            raise ConfigError(f"method {self.method_name} sizes its extra networks by the input width of the "
+                              f"student's final classifier, but {type(self.student).__name__}'s classifier is a "
+                              f"{type(head).__name__}, not a linear layer; use a zoo network (`mentor list models`)")
+        return width
 
     def per_domain(self, t: Tensor) -> Tensor:
         """``[D*B, ...] -> [D, B, ...]``: the batch's rows grouped by training domain (a view)."""

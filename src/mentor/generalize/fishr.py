@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from ..config import DECAY, rules
 from ..errors import ConfigError
 from ..methods import BuildInfo, MethodConfig, register_method
-from .irm import IRM, at_least_float32, prediction_error
+from .base import at_least_float32
+from .irm import IRM, prediction_error
 
 
 def classifier_sample_grads(features: Tensor, logits: Tensor, y: Tensor, bias: bool = True) -> Tensor:

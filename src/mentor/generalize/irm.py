@@ -14,12 +14,8 @@ from ..config import NON_NEGATIVE, rules
 from ..methods import StepContext, register_method
 from ..nn import train_accuracy
 from ..nn.ramp import ramp
+from .base import at_least_float32
 from .erm import ERM
-
-
-def at_least_float32(t: Tensor) -> Tensor:
-    """``t`` in float32, or as it is when wider (a half-precision forward's logits are widened)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def prediction_error(z: Tensor, y: Tensor) -> Tensor:
@@ -103,4 +99,4 @@ class IRM(ERM):
         return {"loss": loss, "nll": nll.detach(), "penalty": penalty.detach(), "train_acc": train_accuracy(logits, y)}
 
 
-__all__ = ["IRM", "at_least_float32", "irm_penalty", "prediction_error"]
+__all__ = ["IRM", "irm_penalty", "prediction_error"]
