@@ -1,0 +1,290 @@
+"""Flat-minima DG methods: SWAD's dense weight average and Lookahead's slow weights. SWAD's average is checked
+against the mean of the weights recorded after each step of its window, Lookahead against a hand-written
+lookahead loop on the same gradients, the BN recompute of both against statistics gathered by a manual pass;
+then each trains a few engine steps and resumes bit for bit."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _dg import dg_cfg
+from _helpers import BNNet, FixedMLP, fit_until_signal
+from _nosync import NoHostSync
+from torch import nn
+
+from mentor.config import ConfigError
+from mentor.data import ArrayDataset
+from mentor.engine import Trainer
+from mentor.engine.evaluate import Evaluator
+from mentor.generalize.swad import bn_batches, recompute_bn
+from mentor.methods import BuildInfo, Refresh, StepContext, create_method
+from mentor.models import create_model
+
+C = 10  # classes of the digit domains
+
+
+def _info(domains=2, steps=100):
+    return BuildInfo(num_classes=C, in_channels=1, image_size=8, num_domains=domains,
+                     domain_names=tuple(f"d{i}" for i in range(domains)), max_steps=steps)
+
+
+def _method(name, net, domains=2, **hp):
+    torch.manual_seed(0)
+    return create_method(name, net, _info(domains), **hp)
+
+
+def _batch(domains, b, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(domains * b, 1, 8, 8, generator=g)
+    y = torch.randint(0, C, (domains * b,), generator=g)
+    return {"x": x, "y": y, "domain": torch.arange(domains).repeat_interleave(b), "index": torch.arange(domains * b)}
+
+
+def _refresh(n=50, seed=0):
+    """A Refresh over a small uint8 training split, normalised with fixed constants."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 8, 8), generator=g, dtype=torch.uint8)
+    split = ArrayDataset(images, torch.randint(0, C, (n,), generator=g), C, "toy")
+    ev = Evaluator(torch.tensor([0.3]).view(1, 1, 1, 1), torch.tensor([0.2]).view(1, 1, 1, 1), 16,
+                   torch.device("cpu"))
+    return Refresh(labeled=split, unlabeled=None, evaluator=ev, device=torch.device("cpu"))
+
+
+def _train(m, steps, lr=0.1, tensor_step=False, first=0, max_steps=None):
+    """Train ``m`` for ``steps`` steps with plain SGD, calling ``after_step`` like the engine; returns the
+    student's parameters after each step."""
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr)
+    m.train()
+    seen = []
+    for step in range(first, first + steps):
+        ctx = StepContext(step=torch.tensor(step) if tensor_step else step, max_steps=max_steps or steps)
+        opt.zero_grad()
+        m.training_step(_batch(2, 4, seed=step), ctx)["loss"].backward()
+        opt.step()
+        m.after_step(ctx)
+        seen.append([p.detach().clone() for p in m.student.parameters()])
+    return seen
+
+
+def _bn_inputs_mean_var(net, batches):
+    """Per BN layer: the mean over batches of each batch's per-channel mean and unbiased variance of the layer's
+    input, gathered by forward pre-hooks on a copy run in training mode."""
+    net = copy.deepcopy(net).train()
+    layers = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    stats = [[] for _ in layers]
+    handles = [m.register_forward_pre_hook(lambda mod, a, i=i: stats[i].append(
+        (a[0].mean((0, 2, 3)), a[0].transpose(0, 1).flatten(1).var(1, unbiased=True)))) for i, m in enumerate(layers)]
+    with torch.no_grad():
+        for x in batches:
+            net(x)
+    for h in handles:
+        h.remove()
+    return [(torch.stack([s[0] for s in st]).mean(0), torch.stack([s[1] for s in st]).mean(0)) for st in stats]
+
+
+# -- SWAD ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("tensor_step", [False, True])
+def test_swad_average_is_the_mean_of_the_weights_after_each_step_of_the_window(tensor_step):
+    m = _method("swad", BNNet(C), start_fraction=0.25, end_fraction=0.75)
+    assert m.window(8) == (2, 6)
+    seen = _train(m, 8, tensor_step=tensor_step)
+    for i, avg in enumerate(m.averaged.parameters()):
+        mean = torch.stack([seen[s][i] for s in range(2, 6)]).mean(0)
+        torch.testing.assert_close(avg, mean, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(m.averaged.fc.weight, m.student.fc.weight)  # the last two steps are not in it
+    assert m.n_averaged.item() == 4
+
+
+def test_swad_copy_follows_the_student_before_the_window_and_takes_its_buffers():
+    m = _method("swad", BNNet(C), start_fraction=0.5)
+    _train(m, 2, max_steps=4)
+    for avg, p in zip(m.averaged.parameters(), m.student.parameters()):
+        assert torch.equal(avg, p)  # before the window: a copy of the student
+    assert m.n_averaged.item() == 0
+    _train(m, 1, first=2, max_steps=4)  # window [2, 4): step 2 is its first
+    for avg, p in zip(m.averaged.parameters(), m.student.parameters()):
+        assert torch.equal(avg, p)  # the window's first step: weight 1
+    for avg_b, b in zip(m.averaged.buffers(), m.student.buffers()):
+        assert torch.equal(avg_b, b)
+    assert m.n_averaged.item() == 1 and m.deployable() is m.averaged
+    assert not any(p.requires_grad for p in m.averaged.parameters())
+    assert {id(p) for p in m.phases()[0].params} == {id(p) for p in m.student.parameters()}
+
+
+def test_swad_window_must_be_ordered():
+    with pytest.raises(ConfigError, match="start_fraction=0.6 is not below end_fraction=0.5"):
+        _method("swad", BNNet(C), start_fraction=0.6, end_fraction=0.5)
+    assert _method("swad", BNNet(C), start_fraction=0.5, end_fraction=0.55).window(4) == (2, 3)  # at least one
+
+
+# -- BN recompute --------------------------------------------------------------------------------------------
+def test_bn_recompute_equals_the_statistics_of_a_manual_pass():
+    torch.manual_seed(1)
+    net = create_model("resnet8", num_classes=C, in_channels=1)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(5.0)
+            m.momentum = 0.3
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(3)] + [torch.randn(7, 1, 8, 8)]
+    ref = _bn_inputs_mean_var(net, batches)
+    net.eval()
+    recompute_bn(net, iter(batches))
+    layers = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(layers) == len(ref) == 9
+    for layer, (mean, var) in zip(layers, ref):
+        torch.testing.assert_close(layer.running_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.running_var, var, rtol=1e-5, atol=1e-6)
+        assert layer.momentum == 0.3 and layer.num_batches_tracked.item() == 4
+    assert not net.training
+
+
+def test_bn_batches_read_a_fixed_seeded_share_of_the_training_split_normalised():
+    refresh = _refresh(n=50)
+    first = list(bn_batches(refresh, 40, 16))
+    assert [len(x) for x in first] == [16, 16, 8]
+    again = list(bn_batches(refresh, 40, 16))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    order = torch.randperm(50, generator=torch.Generator().manual_seed(0))[:40]
+    expected = (refresh.labeled.images[order].float() / 255 - 0.3) / 0.2
+    torch.testing.assert_close(torch.cat(first), expected)
+    assert sum(len(x) for x in bn_batches(refresh, 1000, 16)) == 50
+
+
+@pytest.mark.parametrize("name,copy_name", [("swad", "averaged"), ("lookahead_dg", "slow")])
+def test_before_eval_recomputes_the_deployed_copys_bn_statistics(name, copy_name):
+    m = _method(name, BNNet(C), bn_images=40, bn_batch_size=16, **({"k": 2} if name == "lookahead_dg" else {}))
+    _train(m, 5)
+    refresh = _refresh(n=50)
+    net = getattr(m, copy_name)
+    ref = _bn_inputs_mean_var(net, bn_batches(refresh, 40, 16))
+    m.eval()
+    m.before_eval(refresh)
+    torch.testing.assert_close(net.bn.running_mean, ref[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(net.bn.running_var, ref[0][1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(net.bn.running_mean, m.student.bn.running_mean)
+    assert m.deployable() is net and not net.training
+
+
+# -- Lookahead -----------------------------------------------------------------------------------------------
+def _hand_lookahead(net, steps, k, alpha, lr, average, reg):
+    """The reference loop (koncle/Lookahead-Large-LR ``lookahead_train``) on plain tensors: SGD on the fast
+    weights, the running mean of the fast weights within the outer step, interpolation into the slow weights
+    and restart at each outer step's end."""
+    names = [n for n, _ in net.named_parameters()]
+    fast = [p.detach().clone() for p in net.parameters()]
+    slow = [p.clone() for p in fast]
+    mean = [p.clone() for p in fast]
+    for step in range(steps):
+        j = step % k
+        batch = _batch(2, 4, seed=step)
+        theta = [p.clone().requires_grad_(True) for p in fast]
+        logits = torch.func.functional_call(net, dict(zip(names, theta)), (batch["x"],))
+        loss = F.cross_entropy(logits, batch["y"])
+        if reg:
+            flat = torch.cat([t.flatten() for t in theta])
+            loss = loss + reg * ((flat - torch.cat([m.flatten() for m in mean])) ** 2).mean()
+        grads = torch.autograd.grad(loss, theta)
+        fast = [p - lr * g for p, g in zip(fast, grads)]
+        mean = [(m * j + p) / (j + 1) for m, p in zip(mean, fast)]
+        if j == k - 1:
+            final = mean if average else fast
+            slow = [s * (1 - alpha) + f * alpha for s, f in zip(slow, final)]
+            fast = [s.clone() for s in slow]
+            mean = [s.clone() for s in slow]
+    return slow, fast
+
+
+@pytest.mark.parametrize("average,regularize", [(False, False), (True, False), (True, True), (False, True)])
+@pytest.mark.parametrize("tensor_step", [False, True])
+def test_lookahead_slow_weights_follow_a_hand_written_lookahead(average, regularize, tensor_step):
+    k, alpha, lr, steps = 3, 0.3, 0.2, 8  # outer steps end after steps 2 and 5; 6, 7 are inside the third
+    net = FixedMLP(C)
+    reference = copy.deepcopy(net)
+    m = _method("lookahead_dg", net, k=k, alpha=alpha, average=average, regularize=regularize, reg=0.5)
+    _train(m, steps, lr=lr, tensor_step=tensor_step)
+    slow, fast = _hand_lookahead(reference, steps, k, alpha, lr, average, 0.5 if regularize else 0.0)
+    for got, want in zip(m.slow.parameters(), slow):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for got, want in zip(m.student.parameters(), fast):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    init = list(reference.parameters())
+    assert not torch.allclose(next(m.slow.parameters()), init[0])
+
+
+def test_lookahead_regulariser_is_the_mean_squared_pull_toward_the_running_mean():
+    m = _method("lookahead_dg", FixedMLP(C), k=4, regularize=True, reg=0.01)
+    _train(m, 2)  # inside an outer step: theta_bar is the mean of two fast weights, theta the second
+    out = m.training_step(_batch(2, 4, seed=9), StepContext(step=2, max_steps=10))
+    flat = torch.cat([p.detach().flatten() for p in m.student.parameters()])
+    bar = torch.cat([t.flatten() for t in m.fast_mean.tensors()])
+    assert out["reg"].item() == pytest.approx(0.01 * ((flat - bar) ** 2).mean().item(), rel=1e-6)
+    assert out["reg"].item() > 0
+    assert out["loss"].item() == pytest.approx(F.cross_entropy(m.student(_batch(2, 4, seed=9)["x"]),
+                                                               _batch(2, 4, seed=9)["y"]).item() + out["reg"].item(),
+                                               rel=1e-6)
+
+
+@pytest.mark.parametrize("name,hp", [("swad", {}), ("lookahead_dg", {"regularize": True, "k": 3})])
+def test_after_step_reads_nothing_back_to_the_host(name, hp):
+    m = _method(name, BNNet(C), **hp).train()
+    batch = _batch(2, 4)
+    with NoHostSync():
+        for step in (torch.tensor(0), torch.tensor(2), torch.tensor(60), 99):
+            ctx = StepContext(step=step, max_steps=100)
+            m.training_step(batch, ctx)["loss"].backward()
+            m.after_step(ctx)
+
+
+# -- engine runs and resume ----------------------------------------------------------------------------------
+ENGINE = {"swad": ["method.bn_images=64"], "lookahead_dg": ["method.bn_images=64", "method.k=2"]}
+HEADS = {"swad": "online", "lookahead_dg": "fast"}
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE))
+def test_each_method_trains_in_the_engine(tmp_path, name):
+    summary = Trainer(dg_cfg(tmp_path, "run", name, *ENGINE[name])).fit()
+    assert summary["steps"] == 4 and 0 <= summary["test_acc_last@rolled"] <= 1
+    assert 0 <= summary[f"test_acc_last_{HEADS[name]}"] <= 1
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if e["split"] == "train"]
+    assert len(train) == 4 and all(math.isfinite(e["loss"]) for e in train)
+    assert any(f"val_acc_{HEADS[name]}" in e for e in events)
+
+
+@pytest.mark.parametrize("name,extra", [("swad", ["method.start_fraction=0.3"]),
+                                        ("lookahead_dg", ["method.k=2", "method.regularize=true"])])
+def test_a_resumed_run_ends_with_the_straight_runs_state(tmp_path, name, extra):
+    def cfg(run):
+        return dg_cfg(tmp_path, run, name, "model.name=resnet8", "trainer.max_steps=6", "trainer.eval_every=3",
+                      "trainer.ckpt_every=3", "method.bn_images=48", "method.bn_batch_size=16", *extra)
+
+    straight = Trainer(cfg("a"))
+    start = {k: v.clone() for k, v in straight.method.state_dict().items()}
+    straight.fit()
+    ref = straight.method.state_dict()
+    moved = "averaged.fc.weight" if name == "swad" else "slow.fc.weight"
+    assert not torch.equal(ref[moved], start[moved])
+    fit_until_signal(Trainer(cfg("b")), after_step=2)
+    resumed = Trainer(cfg("b"))
+    resumed.fit()
+    assert resumed.start_step == 3
+    got = resumed.method.state_dict()
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
+
+
+def test_recipes_load():
+    from pathlib import Path
+
+    from mentor.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("swad", "lookahead_dg"):
+        cfg = load_config(str(root / "recipes" / "generalize" / f"rotated_fmnist_{name}.yaml"), [])
+        assert cfg.method.name == name and cfg.model.name == "resnet8"
+        create_method(name, create_model(cfg.model.name, 10, 1), BuildInfo(num_classes=10, image_size=28,
+                                                                           num_domains=5, domain_names=tuple("abcde")))
