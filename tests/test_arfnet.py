@@ -20,11 +20,11 @@ from mentor.adapt.arfnet import (
     local_crops,
     self_distillation,
 )
-from mentor.adapt.sfda import centroid_pseudo_labels
 from mentor.config import ConfigError, load_config
 from mentor.engine import Trainer, train
 from mentor.methods import BuildInfo, StepContext, create_method
 from mentor.models import create_model
+from mentor.nn.pseudo import centroid_pseudo_labels
 
 pytest.importorskip("sklearn")
 

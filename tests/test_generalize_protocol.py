@@ -176,3 +176,10 @@ def test_few_labels_per_domain_keep_each_domain_as_its_own_unlabelled_pool(tmp_p
     assert list(s.unlabeled_domains) == ["plain", "inverted"]
     t.fit()
     assert t.method.seen["u_domain"].tolist() == [0] * 8 + [1] * 8
+
+
+def test_every_dg_method_reports_open_set_numbers_in_an_open_set_run(tmp_path):
+    summary = Trainer(dg_cfg(tmp_path, "erm_open", "erm", "data.unknown_classes=[8, 9]")).fit()
+    for key in ("closed_acc", "h_score", "oscr", "known_acc", "unknown_acc"):
+        assert 0.0 <= summary[f"test_{key}_last@rolled"] <= 1.0
+    assert summary["test_acc_last"] == summary["test_closed_acc_last"]  # closed accuracy over the known images

@@ -13,11 +13,12 @@ from _ssl_runs import resumes_bitwise
 
 from mentor.adapt.aad import aad_terms
 from mentor.adapt.nrc import nrc_terms
-from mentor.adapt.sfda import TargetBanks, centroid_pseudo_labels, im_loss, im_terms
+from mentor.adapt.sfda import TargetBanks
 from mentor.config import load_config
 from mentor.engine import Trainer, train
 from mentor.methods import StepContext
 from mentor.models import MODELS, register_model
+from mentor.nn.pseudo import centroid_pseudo_labels, im_loss, im_terms
 
 pytest.importorskip("sklearn")
 

@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..methods import Inputs, Refresh, StepContext, register_method
 from ..models import FeatureTap, PenultimateTap, prepool_names
 from ..nn import kl_div, resize_to, step_generator
-from .sfda import centroid_pseudo_labels, im_terms
+from ..nn.pseudo import centroid_pseudo_labels, im_terms
 from .shot import SHOT
 from .views import resized_crops
 

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..methods import Refresh, StepContext, register_method
 from ..models import FeatureTap
 from ..models.vit import VisionTransformer
-from .sfda import im_terms
+from ..nn.pseudo import im_terms
 from .shot import SHOT
 
 

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ..config import COUNT, NON_NEGATIVE, POSITIVE, rules
 from ..methods import Refresh, StepContext, register_method
-from .sfda import SourceFreeConfig, SourceFreeMethod, centroid_pseudo_labels, im_terms
+from ..nn.pseudo import centroid_pseudo_labels, im_terms
+from .sfda import SourceFreeConfig, SourceFreeMethod
 
 
 @register_method("shot")

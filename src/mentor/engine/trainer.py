@@ -166,7 +166,8 @@ class Trainer:
                 f"{cfg.data.name} is labelled (data.labels_per_class="
                 f"{'not set' if cfg.data.labels_per_class is None else cfg.data.labels_per_class}): set "
                 f"data.labels_per_class=N to keep N labels per class, and the training split, unlabelled, becomes "
-                f"its unlabelled stream; or choose a supervised method")
+                f"its unlabelled stream (with a domain set, or data.unlabeled_domains=[...] to drop the labels of "
+                f"whole training domains); or choose a supervised method")
         self.inputs = TrainInputs(self.splits, cfg.data, method_cls.inputs, t.seed, self.dist.rank,
                                   self.dist.world_size, self.device, t.channels_last)
         # The student's initial weights depend on the seed only, not on the rank: every rank and

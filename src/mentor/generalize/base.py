@@ -19,6 +19,7 @@ from ..errors import ConfigError
 from ..methods import BuildInfo, Inputs, MethodConfig
 from ..methods.supervised import Supervised
 from ..models.penultimate import PenultimateTap
+from .openset import OpenSetScore
 
 
 def at_least_float32(t: Tensor) -> Tensor:
@@ -27,11 +28,14 @@ def at_least_float32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-class DomainMethod(Supervised):
+class DomainMethod(OpenSetScore, Supervised):
     """Base of the DG methods: cross-entropy over the pooled per-domain batch (ERM), plus helpers.
 
     ``min_domains``: the fewest training domains the method is defined for (a penalty across domains
     needs two); a run with fewer stops with one message naming the method and ``data.test_domains``.
+    In an open-set run (``data.unknown_classes``) every DG method reports the open-set numbers (closed
+    accuracy, H-score, OSCR; :class:`~mentor.generalize.openset.OpenSetScore`), with the maximum softmax
+    probability as its confidence unless it overrides ``open_set_outputs``.
     """
 
     inputs = Inputs(labeled=("train",), domains=True)
