@@ -191,7 +191,7 @@ def _domain_splits(cfg: DataConfig, domain_set) -> Splits:
     parts, val_parts, pools, positions, offset = {}, {}, {}, [], 0
     for name in train_names:
         inside, outside = (_relabel(p, remap, keep_unknown=False) for p in in_out(name))
-        if len(inside) == 0 or len(outside) == 0:
+        if remap is not None and (len(inside) == 0 or len(outside) == 0):
             raise ConfigError(f"data.unknown_classes leaves training domain {name!r} without images of a known "
                               "class (in its training or holdout part): list fewer unknown classes, or leave that "
                               "domain out with data.domains")

@@ -386,8 +386,9 @@ class Trainer:
 
     def _score_val(self, net: nn.Module, suffix: str = "") -> dict[str, float]:
         """Validation numbers: per training domain and their mean for a domain set, else the split's."""
-        if self.splits.val_parts:
-            return self._score_named(net, self.splits.val_parts, "val_", suffix, worst=False)
+        parts = {n: p for n, p in (self.splits.val_parts or {}).items() if len(p)}  # a tiny domain may hold none
+        if parts:
+            return self._score_named(net, parts, "val_", suffix, worst=False)
         return self._score(net, self.splits.val, "val_", suffix)
 
     def _score_held_out(self, net: nn.Module) -> dict[str, float]:
