@@ -102,7 +102,8 @@ def _labelled_positions(labels: Tensor, cfg: DataConfig) -> Tensor:
             small = int(counts.argmin())
             raise ConfigError(
                 f"data.labels_per_class={cfg.labels_per_class} is larger than class {small}, which has "
-                f"{int(counts.min())} training images after the validation split; lower it (or data.val_size)")
+                f"{int(counts.min())} training images after the validation split; lower it (or data.val_size; "
+                "for a domain set data.holdout_fraction or data.domain_limit)")
         return stratified_subset(labels, cfg.labels_per_class * len(counts), seed=cfg.label_seed)
     if cfg.subset is not None:
         if cfg.subset > len(labels):
