@@ -351,7 +351,7 @@ class Trainer:
         pool = self.splits.unlabeled if self.splits.unlabeled is not None else self.splits.train
         unlabeled = pool if self.method.inputs.unlabeled else self.splits.unlabeled
         return Refresh(labeled=self.splits.train, unlabeled=unlabeled, evaluator=self.evaluator(),
-                       device=self.device)
+                       device=self.device, val=self.splits.val)
 
     def evaluator(self) -> Evaluator:
         return Evaluator(self.inputs.mean, self.inputs.std, self.cfg.data.eval_batch_size, self.device, self.dist,

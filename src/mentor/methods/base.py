@@ -205,13 +205,15 @@ class StepContext:
 
 @dataclass
 class Refresh:
-    """What :meth:`Method.on_epoch` may read: the training splits (uint8 tensors on the host or the
-    device), the engine's evaluator (normalisation, batches, autocast) and the device."""
+    """What :meth:`Method.on_epoch` and :meth:`Method.before_eval` may read: the training splits (uint8
+    tensors on the host or the device), the validation split, the engine's evaluator (normalisation,
+    batches, autocast) and the device."""
 
     labeled: Any
     unlabeled: Any
     evaluator: Any
     device: torch.device
+    val: Any = None  # the validation split (model selection; SWAD's loss valley reads its loss)
 
 
 def _check_classifier(net: nn.Module, method: str) -> None:
