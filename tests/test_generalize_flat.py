@@ -1,9 +1,12 @@
-"""Flat-minima DG methods: SWAD's dense weight average and Lookahead's slow weights. SWAD's average is checked
-against the mean of the weights recorded after each step of its window, Lookahead against a hand-written
-lookahead loop on the same gradients, the BN recompute of both against statistics gathered by a manual pass;
-then each trains a few engine steps and resumes bit for bit."""
+"""Flat-minima DG methods: SWAD's dense weight average and Lookahead's slow weights. SWAD's segment and fixed-window
+averages are checked against the mean of the weights recorded after each step, its loss-valley rule against a
+plain-Python rewrite of the reference ``LossValley`` fed the same segments and losses (and a hand-worked sequence),
+Lookahead against a hand-written lookahead loop on the same gradients, the BN recompute of both against statistics
+gathered by a manual pass; then each trains a few engine steps and resumes bit for bit."""
 
+import collections
 import copy
+import dataclasses
 import json
 import math
 
@@ -85,10 +88,10 @@ def _bn_inputs_mean_var(net, batches):
     return [(torch.stack([s[0] for s in st]).mean(0), torch.stack([s[1] for s in st]).mean(0)) for st in stats]
 
 
-# -- SWAD ----------------------------------------------------------------------------------------------------
+# -- SWAD: the fixed window ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("tensor_step", [False, True])
-def test_swad_average_is_the_mean_of_the_weights_after_each_step_of_the_window(tensor_step):
-    m = _method("swad", BNNet(C), start_fraction=0.25, end_fraction=0.75)
+def test_swad_fixed_average_is_the_mean_of_the_weights_after_each_step_of_the_window(tensor_step):
+    m = _method("swad", BNNet(C), window="fixed", start_fraction=0.25, end_fraction=0.75)
     assert m.window(8) == (2, 6)
     seen = _train(m, 8, tensor_step=tensor_step)
     for i, avg in enumerate(m.averaged.parameters()):
@@ -98,8 +101,8 @@ def test_swad_average_is_the_mean_of_the_weights_after_each_step_of_the_window(t
     assert m.n_averaged.item() == 4
 
 
-def test_swad_copy_follows_the_student_before_the_window_and_takes_its_buffers():
-    m = _method("swad", BNNet(C), start_fraction=0.5)
+def test_swad_fixed_copy_follows_the_student_before_the_window_and_takes_its_buffers():
+    m = _method("swad", BNNet(C), window="fixed", start_fraction=0.5)
     _train(m, 2, max_steps=4)
     for avg, p in zip(m.averaged.parameters(), m.student.parameters()):
         assert torch.equal(avg, p)  # before the window: a copy of the student
@@ -114,10 +117,306 @@ def test_swad_copy_follows_the_student_before_the_window_and_takes_its_buffers()
     assert {id(p) for p in m.phases()[0].params} == {id(p) for p in m.student.parameters()}
 
 
-def test_swad_window_must_be_ordered():
+def test_swad_window_must_be_ordered_and_known():
     with pytest.raises(ConfigError, match="start_fraction=0.6 is not below end_fraction=0.5"):
-        _method("swad", BNNet(C), start_fraction=0.6, end_fraction=0.5)
-    assert _method("swad", BNNet(C), start_fraction=0.5, end_fraction=0.55).window(4) == (2, 3)  # at least one
+        _method("swad", BNNet(C), window="fixed", start_fraction=0.6, end_fraction=0.5)
+    assert _method("swad", BNNet(C), window="fixed", start_fraction=0.5, end_fraction=0.55).window(4) == (2, 3)
+    with pytest.raises(ConfigError, match="window='valey' is not a window rule"):
+        _method("swad", BNNet(C), window="valey")
+    _method("swad", BNNet(C), start_fraction=0.6, end_fraction=0.5)  # the valley rule has no use for them
+
+
+# -- SWAD: the loss valley -----------------------------------------------------------------------------------
+class _RefSegment:
+    """What the reference keeps of a segment average: its position (the code's end step) and its loss."""
+
+    def __init__(self, index, loss):
+        self.end_step = index
+        self.end_loss = loss
+
+
+class _RefAveraged:
+    """The code's ``AveragedModel`` reduced to the segments it holds: built from a segment with a count of 0, so
+    its first ``update_parameters`` overwrites that segment."""
+
+    def __init__(self, segment):
+        self.initial = segment.end_step
+        self.updates = []
+
+    def update_parameters(self, segment, **_):
+        self.updates.append(segment.end_step)
+
+    def segments(self):
+        return set(self.updates) if self.updates else {self.initial}
+
+
+class _RefLossValley:
+    """khanrc/swad ``domainbed/swad.py`` ``LossValley``, written out again on plain Python values; ``final``
+    reports the set of segments its ``get_final_model`` would average, without changing the state."""
+
+    def __init__(self, n_converge, n_tolerance, tolerance_ratio):
+        self.n_converge, self.n_tolerance, self.tolerance_ratio = n_converge, n_tolerance, tolerance_ratio
+        self.converge_Q = collections.deque(maxlen=n_converge)
+        self.smooth_Q = collections.deque(maxlen=n_tolerance)
+        self.final_model = None
+        self.converge_step = None
+        self.dead_valley = False
+        self.threshold = None
+        self.full_at_convergence = False
+
+    def get_smooth_loss(self, idx):
+        return min(model.end_loss for model in list(self.smooth_Q)[idx:])
+
+    def update_and_evaluate(self, segment):
+        if self.dead_valley:
+            return
+        self.converge_Q.append(segment)
+        self.smooth_Q.append(segment)
+        if self.converge_step is None:
+            if len(self.converge_Q) < self.n_converge:
+                return
+            losses = [model.end_loss for model in self.converge_Q]
+            if losses.index(min(losses)) == 0:
+                self.converge_step = self.converge_Q[0].end_step
+                self.full_at_convergence = len(self.smooth_Q) == self.n_tolerance
+                self.final_model = _RefAveraged(self.converge_Q[0])
+                self.threshold = sum(losses) / len(losses) * (1.0 + self.tolerance_ratio)
+                if self.n_tolerance < self.n_converge:
+                    for i in range(self.n_converge - self.n_tolerance):
+                        self.final_model.update_parameters(self.converge_Q[1 + i])
+                elif self.n_tolerance > self.n_converge:
+                    Q = list(self.smooth_Q)[: self.n_tolerance - self.n_converge + 1]
+                    start_idx = 0
+                    for i in reversed(range(len(Q))):
+                        if Q[i].end_loss > self.threshold:
+                            start_idx = i + 1
+                            break
+                    for model in Q[start_idx + 1:]:
+                        self.final_model.update_parameters(model)
+            return
+        if self.smooth_Q[0].end_step < self.converge_step:
+            return
+        if self.get_smooth_loss(0) > self.threshold:
+            self.dead_valley = True
+            return
+        self.final_model.update_parameters(self.smooth_Q[0])
+
+    def final(self):
+        if self.converge_step is None:
+            return {self.converge_Q[-1].end_step}
+        final_model, smooth_Q = copy.deepcopy(self.final_model), collections.deque(self.smooth_Q)
+        if not self.dead_valley:
+            smooth_Q.popleft()
+            while smooth_Q:
+                if min(model.end_loss for model in smooth_Q) > self.threshold:
+                    break
+                final_model.update_parameters(smooth_Q.popleft())
+        return final_model.segments()
+
+
+class _Tiny(nn.Module):
+    def __init__(self, num_classes=3, in_channels=1):
+        super().__init__()
+        self.fc = nn.Linear(2, num_classes)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)[:, :2])
+
+
+def _feed(m, weights, steps, losses):
+    """Record segments of the given flat weights, step counts and losses, as the steps and evaluations would;
+    returns the deployed weights after each."""
+    deployed, end = [], 0
+    for w, s, loss in zip(weights, steps, losses):
+        end += s
+        m.segment.copy_(w)
+        m.segment_steps.fill_(s)
+        m.segment_end.fill_(end)
+        m.record_segment(loss)
+        deployed.append(m.deployed_weights().clone())
+    return deployed
+
+
+def _step_weighted_mean(weights, steps, chosen):
+    chosen = sorted(chosen)
+    total = sum(steps[i] for i in chosen)
+    return sum(weights[i].double() * steps[i] for i in chosen) / total
+
+
+def _synthetic(n, seed, size):
+    g = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(size, generator=g) for _ in range(n)]
+    steps = torch.randint(1, 5, (n,), generator=g).tolist()
+    return weights, steps
+
+
+def test_swad_valley_converges_stays_and_dies_on_a_hand_worked_sequence():
+    losses = [4.0, 3.0, 1.2, 1.3, 1.1, 1.0, 1.05, 1.2, 1.25, 1.2, 1.3, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1, 0.5, 0.4]
+    m = _method("swad", _Tiny())
+    weights, steps = _synthetic(len(losses), 0, m.segment.numel())
+    deployed = _feed(m, weights, steps, losses)
+    # converged when segments 5, 6, 7 are the converge queue (1.0 first and smallest): threshold 1.3 * 3.25 / 3;
+    # segments 3, 4 (and 5) join from the tolerance queue, segment 2 (its oldest) does not
+    assert m.converged.item() == 5 and m.threshold.item() == pytest.approx(1.3 * 3.25 / 3)
+    for i in range(7):
+        torch.testing.assert_close(deployed[i], weights[i])  # before convergence: the newest segment
+    torch.testing.assert_close(deployed[7], _step_weighted_mean(weights, steps, {3, 4, 5, 6, 7}).float())
+    # segment 11 (loss 1.6) is the first whose six losses from it on are all above the threshold: the valley dies
+    # when segment 16 closes them; the segments after it are not recorded
+    assert m.dead.item() and m.joined.item() == 10
+    valley = _step_weighted_mean(weights, steps, range(3, 11)).float()
+    torch.testing.assert_close(m.valley, valley)
+    assert m.n_averaged.item() == sum(steps[3:11])
+    assert m.valley_start.item() == sum(steps[:3]) and m.valley_end.item() == sum(steps[:11])
+    for i in (16, 17, 18):  # the dead valley takes nothing more, low losses or not
+        torch.testing.assert_close(deployed[i], valley)
+    assert m.segments.item() == 17
+    ref = _RefLossValley(3, 6, 0.3)
+    for i, loss in enumerate(losses):
+        ref.update_and_evaluate(_RefSegment(i, loss))
+    assert ref.dead_valley and ref.final() == set(range(3, 11))
+
+
+@pytest.mark.parametrize("n_converge,n_tolerance,ratio", [(3, 6, 0.3), (3, 6, 0.1), (3, 3, 0.3), (4, 2, 0.2),
+                                                          (1, 1, 0.05), (2, 5, 0.3)])
+def test_swad_valley_picks_the_segments_of_the_reference_loss_valley(n_converge, n_tolerance, ratio):
+    """Random loss curves (falling, then noisy, then rising); at every evaluation the deployed weights are the
+    step-weighted mean of the set of segments the reference would average. Compared wherever the two agree by
+    design: the reference converged with a full tolerance queue, and its queue's head is no older than the
+    converged segment (see the class docstring)."""
+    m0 = _method("swad", _Tiny(), n_converge=n_converge, n_tolerance=n_tolerance, tolerance_ratio=ratio)
+    state = copy.deepcopy(m0.state_dict())
+    seen = collections.Counter()
+    for seed in range(24):
+        g = torch.Generator().manual_seed(1000 + seed)
+        n = 26
+        t = torch.arange(n, dtype=torch.float64)
+        curve = 2.0 * torch.exp(-t / 3) + 0.5 + 0.08 * (t - 10).clamp(min=0) * torch.rand((), generator=g,
+                                                                                             dtype=torch.float64)
+        losses = (curve + 0.15 * torch.rand(n, generator=g, dtype=torch.float64)).tolist()
+        m0.load_state_dict(state)
+        weights, steps = _synthetic(n, seed, m0.segment.numel())
+        deployed = _feed(m0, weights, steps, losses)
+        ref = _RefLossValley(n_converge, n_tolerance, ratio)
+        for i, loss in enumerate(losses):
+            ref.update_and_evaluate(_RefSegment(i, loss))
+            if ref.converge_step is None:
+                seen["before"] += 1
+            elif not ref.full_at_convergence:
+                seen["early"] += 1
+                continue
+            elif not ref.dead_valley and ref.smooth_Q[0].end_step < ref.converge_step:
+                seen["recent"] += 1
+                continue
+            else:
+                seen["dead" if ref.dead_valley else "valley"] += 1
+            torch.testing.assert_close(deployed[i], _step_weighted_mean(weights, steps, ref.final()).float(),
+                                       msg=lambda s, i=i, seed=seed: f"seed {seed}, segment {i}: {s}")
+            assert m0.dead.item() == ref.dead_valley
+            if ref.converge_step is not None:
+                assert m0.converged.item() == ref.converge_step and m0.threshold.item() == ref.threshold
+    assert seen["before"] and seen["valley"] > 20 and seen["dead"] > 20, seen
+
+
+def test_swad_valley_converging_before_the_tolerance_queue_fills():
+    """Convergence at the third segment (the tolerance queue holds three of six): the valley starts at segment 0
+    and later segments join only by the tolerance rule (the code's queue search would take segments 1 and 2 at
+    once and drop segment 0 until it reaches the queue's head)."""
+    losses = [1.0, 5.0, 1.2, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0]
+    m = _method("swad", _Tiny())
+    weights, steps = _synthetic(len(losses), 3, m.segment.numel())
+    deployed = _feed(m, weights, steps, losses)
+    assert m.converged.item() == 0 and m.threshold.item() == pytest.approx(1.3 * 7.2 / 3)
+    # at segment 2: the valley holds segment 0; segments 1 and 2 follow since each one's smallest loss from it on
+    # (1.2) is within the threshold (the code's final step)
+    torch.testing.assert_close(deployed[2], _step_weighted_mean(weights, steps, {0, 1, 2}).float())
+    # segment 3 (9.0) never joins: its six losses are all above the threshold, so the valley dies at segment 8
+    torch.testing.assert_close(deployed[3], _step_weighted_mean(weights, steps, {0, 1, 2}).float())
+    assert m.dead.item() and m.joined.item() == 2 and m.segments.item() == 9
+    torch.testing.assert_close(deployed[-1], _step_weighted_mean(weights, steps, {0, 1, 2}).float())
+
+
+@pytest.mark.parametrize("tensor_step", [False, True])
+def test_swad_segment_is_the_mean_of_the_weights_after_each_step_since_the_last_evaluation(tensor_step):
+    m = _method("swad", BNNet(C))
+    seen = _train(m, 3, tensor_step=tensor_step)
+    flat = [torch.cat([p.flatten() for p in s]) for s in seen]
+    torch.testing.assert_close(m.segment, torch.stack(flat).mean(0), rtol=1e-6, atol=1e-7)
+    assert m.segment_steps.item() == 3 and m.segment_end.item() == 3
+    m.record_segment(1.0)
+    assert m.segment_steps.item() == 0 and m.segments.item() == 1
+    torch.testing.assert_close(m.recent[0], torch.stack(flat).mean(0), rtol=1e-6, atol=1e-7)
+    assert m.recent_steps[0].item() == 3 and m.recent_end[0].item() == 3
+    seen = _train(m, 2, tensor_step=tensor_step, first=3)  # a new segment: steps 3 and 4 only
+    flat = [torch.cat([p.flatten() for p in s]) for s in seen]
+    torch.testing.assert_close(m.segment, torch.stack(flat).mean(0), rtol=1e-6, atol=1e-7)
+    assert m.segment_end.item() == 5
+    m.record_segment(1.0)  # no evaluation finds an empty segment, but one would record nothing
+    m.record_segment(1.0)
+    assert m.segments.item() == 2
+
+
+def _valley_refresh(n_val=30):
+    g = torch.Generator().manual_seed(7)
+    val = ArrayDataset(torch.randint(0, 256, (n_val, 1, 8, 8), generator=g, dtype=torch.uint8),
+                       torch.randint(0, C, (n_val,), generator=g), C, "val")
+    return dataclasses.replace(_refresh(n=50), val=val)
+
+
+def test_swad_before_eval_records_the_students_validation_loss_and_deploys_with_bn_recomputed():
+    m = _method("swad", BNNet(C), bn_images=40, bn_batch_size=16)
+    _train(m, 4)
+    refresh = _valley_refresh()
+    x = (refresh.val.images.float() / 255 - 0.3) / 0.2
+    student = copy.deepcopy(m.student).eval()
+    expected = F.cross_entropy(student(x).double(), refresh.val.labels).item()
+    segment = m.segment.clone()
+    m.before_eval(refresh)
+    assert m.recent_loss[0].item() == pytest.approx(expected, rel=1e-6)
+    assert m.student.training  # the student's mode is restored
+    flat = torch.cat([p.flatten() for p in m.averaged.parameters()])
+    assert torch.equal(flat, segment)  # before convergence: the newest segment's average
+    ref = _bn_inputs_mean_var(m.averaged, bn_batches(refresh, 40, 16))
+    torch.testing.assert_close(m.averaged.bn.running_mean, ref[0][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(m.averaged.bn.running_var, ref[0][1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="no validation images.*method.window=fixed"):
+        _train(m, 1, first=4)
+        m.before_eval(_refresh())
+
+
+# -- SWAD: engine runs ---------------------------------------------------------------------------------------
+def test_swad_valley_trains_in_the_engine_and_deploys_the_valley_average(tmp_path):
+    t = Trainer(dg_cfg(tmp_path, "run", "swad", "method.bn_images=64", "method.n_converge=1",
+                       "method.n_tolerance=2", "method.tolerance_ratio=100", "trainer.eval_every=1"))
+    summary = t.fit()
+    assert 0 <= summary["test_acc_last@rolled"] <= 1 and 0 <= summary["test_acc_last_online"] <= 1
+    m = t.method
+    # four segments of one step: converged at the first; 0..2 joined, the newest follows by the final rule
+    assert m.segments.item() == 4 and m.converged.item() == 0 and m.joined.item() == 2 and not m.dead.item()
+    assert m.n_averaged.item() == 3 and m.valley_start.item() == 0 and m.valley_end.item() == 3
+    flat = torch.cat([p.flatten() for p in m.averaged.parameters()])
+    torch.testing.assert_close(flat, m.recent.mean(0))
+    assert not torch.allclose(flat, torch.cat([p.flatten() for p in m.student.parameters()]))
+
+
+def test_swad_valley_resumes_bitwise_across_evaluations(tmp_path):
+    def cfg(run):  # evaluations after steps 2, 4, 6; the stop after step 3 falls inside the second segment
+        return dg_cfg(tmp_path, run, "swad", "model.name=resnet8", "trainer.max_steps=6", "trainer.eval_every=2",
+                      "trainer.ckpt_every=3", "method.bn_images=48", "method.bn_batch_size=16",
+                      "method.n_converge=1", "method.n_tolerance=2", "method.tolerance_ratio=100")
+
+    straight = Trainer(cfg("a"))
+    straight.fit()
+    ref = straight.method.state_dict()
+    assert ref["segments"].item() == 3 and ref["n_averaged"].item() == 4  # segments 0 and 1 joined
+    fit_until_signal(Trainer(cfg("b")), after_step=2)
+    resumed = Trainer(cfg("b"))
+    resumed.fit()
+    assert resumed.start_step == 3
+    got = resumed.method.state_dict()
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
 
 
 # -- BN recompute --------------------------------------------------------------------------------------------
@@ -153,9 +452,10 @@ def test_bn_batches_read_a_fixed_seeded_share_of_the_training_split_normalised()
     assert sum(len(x) for x in bn_batches(refresh, 1000, 16)) == 50
 
 
-@pytest.mark.parametrize("name,copy_name", [("swad", "averaged"), ("lookahead_dg", "slow")])
-def test_before_eval_recomputes_the_deployed_copys_bn_statistics(name, copy_name):
-    m = _method(name, BNNet(C), bn_images=40, bn_batch_size=16, **({"k": 2} if name == "lookahead_dg" else {}))
+@pytest.mark.parametrize("name,copy_name,hp", [("swad", "averaged", {"window": "fixed"}),
+                                               ("lookahead_dg", "slow", {"k": 2})])
+def test_before_eval_recomputes_the_deployed_copys_bn_statistics(name, copy_name, hp):
+    m = _method(name, BNNet(C), bn_images=40, bn_batch_size=16, **hp)
     _train(m, 5)
     refresh = _refresh(n=50)
     net = getattr(m, copy_name)
@@ -227,7 +527,8 @@ def test_lookahead_regulariser_is_the_mean_squared_pull_toward_the_running_mean(
                                                rel=1e-6)
 
 
-@pytest.mark.parametrize("name,hp", [("swad", {}), ("lookahead_dg", {"regularize": True, "k": 3})])
+@pytest.mark.parametrize("name,hp", [("swad", {}), ("swad", {"window": "fixed"}),
+                                     ("lookahead_dg", {"regularize": True, "k": 3})])
 def test_after_step_reads_nothing_back_to_the_host(name, hp):
     m = _method(name, BNNet(C), **hp).train()
     batch = _batch(2, 4)
@@ -254,7 +555,7 @@ def test_each_method_trains_in_the_engine(tmp_path, name):
     assert any(f"val_acc_{HEADS[name]}" in e for e in events)
 
 
-@pytest.mark.parametrize("name,extra", [("swad", ["method.start_fraction=0.3"]),
+@pytest.mark.parametrize("name,extra", [("swad", ["method.window=fixed", "method.start_fraction=0.3"]),
                                         ("lookahead_dg", ["method.k=2", "method.regularize=true"])])
 def test_a_resumed_run_ends_with_the_straight_runs_state(tmp_path, name, extra):
     def cfg(run):

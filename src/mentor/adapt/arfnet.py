@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -257,11 +256,7 @@ class ARFNet(SHOT):
         """``(features [N, D], logits [N, C])`` of every image of ``split`` in pool order, in eval mode,
         float32: :meth:`~mentor.adapt.sfda.SourceFreeMethod.embed` with the raw logits, which the
         ``exp(logits)`` centroid weights need."""
-        ev = refresh.evaluator
-        if getattr(getattr(ev, "dist", None), "world_size", 1) > 1:
-            from ..engine.distributed import Dist
-
-            ev = dataclasses.replace(ev, dist=Dist())
+        ev = refresh.evaluator.local()
         was = self.training
         self.eval()
         feats, logits = [], []

@@ -19,7 +19,6 @@ Shared pieces of the family (SHOT, NRC, AaD, ARFNet):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -76,11 +75,7 @@ class SourceFreeMethod(Method):
         Every process reads the whole split (a distributed run's evaluator would read its share only).
         The labels the split carries are not read."""
         tap = self.tap if net is None else PenultimateTap(net)
-        ev = refresh.evaluator
-        if getattr(getattr(ev, "dist", None), "world_size", 1) > 1:
-            from ..engine.distributed import Dist
-
-            ev = dataclasses.replace(ev, dist=Dist())
+        ev = refresh.evaluator.local()
         was = self.training
         self.eval()
         feats, probs = [], []

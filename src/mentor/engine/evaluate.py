@@ -35,6 +35,13 @@ class Evaluator:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, labels.to(self.device, non_blocking=True)
 
+    def local(self) -> Evaluator:
+        """This evaluator reading every row of a split in this process (host-side refreshes such as
+        pseudo-labels over the whole pool, where a distributed evaluator would read its share only)."""
+        import dataclasses
+
+        return dataclasses.replace(self, dist=Dist()) if self.dist.world_size > 1 else self
+
     def run(self, net: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """``net(x)`` under the run's autocast."""
         if self.autocast is None:

@@ -3,7 +3,6 @@ the other sources unlabelled)."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -208,11 +207,7 @@ class DSBF(ERM):
     def embed_pool(self, split, refresh: Refresh) -> tuple[Tensor, Tensor]:
         """``(B(F(x)) [N, bottleneck_dim], softmax(C(.)) [N, K])`` of every pool image in pool order, in eval
         mode, float32; every process reads the whole pool."""
-        ev = refresh.evaluator
-        if getattr(getattr(ev, "dist", None), "world_size", 1) > 1:
-            from ..engine.distributed import Dist
-
-            ev = dataclasses.replace(ev, dist=Dist())
+        ev = refresh.evaluator.local()
         was = self.training
         self.eval()
         feats, probs = [], []
