@@ -74,7 +74,9 @@ SCALED = {"irm": {"anneal_steps": 0.1}, "vrex": {"anneal_steps": 0.1}, "fishr": 
 # Lookahead's slow weights follow the fast ones with a horizon of k / alpha = 300 steps at its defaults (15,
 # 0.05), a small fraction of its paper's 40,000 iterations but the whole of a 300-step plan: k 5, alpha 0.25
 # keep the horizon at 20 steps.
-METHOD_EXTRA = {"irm": ["method.rescale=true"], "lookahead_dg": ["method.k=5", "method.alpha=0.25"]}
+# SWAD's loss valley is read from one validation loss per evaluation: 12 segments of 25 steps in 300.
+METHOD_EXTRA = {"irm": ["method.rescale=true"], "lookahead_dg": ["method.k=5", "method.alpha=0.25"],
+                "swad": ["trainer.eval_every=25"]}
 # Methods that bring their own backbone (or optimizer) train with their recipe's, and are compared with ERM on it.
 OWN_MODEL = {"aloft"}
 

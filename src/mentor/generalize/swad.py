@@ -115,27 +115,33 @@ class SWAD(ERM):
     segment's last (``valley_end``): the paper's ``theta_SWAD = mean_{t_s <= i <= t_e} theta_i``. The deployed
     weights at an evaluation are what the code's ``get_final_model`` would return if training ended there: before
     any segment the student; before convergence the newest segment's average (the code's ``converge_Q[-1]``);
-    after it the valley average, unless the valley is dead extended, without changing the state, by the segments
-    after its newest one while the smallest loss from each of them to the newest segment stays within the
-    threshold. All the state (segment, ring, valley average, threshold, flags) is registered buffers, and the rule
+    after it the valley average, extended (unless the valley is dead; without changing the state) by the segments
+    after its newest one, in order, while the smallest loss from each of them to the newest segment stays within
+    the threshold. All the state (segment, ring, valley average, threshold, flags) is registered buffers, and the rule
     is a deterministic function of it, so a resumed run is exact.
 
     Defaults: ``n_converge`` 3, ``n_tolerance`` 6, ``tolerance_ratio`` 0.3 (the code's ``config.yaml``, for every
     dataset; its README runs VLCS with 0.2). The segments' length is ``trainer.eval_every`` (the code's
     ``checkpoint_freq``: 100 for PACS, OfficeHome and TerraIncognita, 50 for VLCS, 500 for DomainNet).
 
+    As the code: the per-step segment averages, the two queues, the convergence test, the threshold, the backward
+    search, the tolerance rule, the dead valley, the final step's extension and what is deployed before convergence.
     Differences from the code: (1) its ``AveragedModel`` counts every segment once, whatever its length; here a
     segment weighs its step count (the same for segments of equal length; the code's first segment is its step 0
     alone, and here a run's last one is shorter when ``trainer.max_steps`` is not a multiple of
-    ``trainer.eval_every``). (2) every segment joins at most once: the code starts its average from a copy of ``c``
-    that counts zero times (the next update overwrites it), takes ``c`` again when it reaches the tolerance queue's
-    head, and, when convergence comes before the tolerance queue is full, searches segments newer than ``c`` and
-    adds the queue's oldest again at each evaluation until the queue fills; the segments chosen are the code's
-    whenever the tolerance queue is full at convergence. (3) the validation loss is the mean over the pooled
-    validation split (the code averages each training domain's mean: the same for holdout parts of equal size).
-    (4) the code recomputes BN once, after training, on 500 training minibatches (and only when BN is not frozen;
-    its defaults freeze it); here before every evaluation on ``bn_images`` images. (5) the code also evaluates at
-    step 0; the engine's first evaluation follows step ``eval_every``.
+    ``trainer.eval_every``). (2) every segment joins at most once, and ``c`` always: the code starts its average
+    from a copy of ``c`` that counts zero times (the next update overwrites it), so it takes ``c`` twice when
+    ``n_tolerance > n_converge`` (again when ``c`` reaches the tolerance queue's head) and otherwise drops it as
+    soon as another segment joins. Where the tolerance queue is not yet full at convergence, the code's backward
+    search also takes segments newer than ``c`` at once (here they join by the tolerance rule) and it adds the
+    queue's oldest again at each evaluation until the queue fills; and in the ``n_tolerance - n_converge``
+    evaluations after convergence its final step would take back the segments older than ``c`` that the backward
+    search left out (here they stay out). Apart from these, the segments chosen are the code's
+    (``test_generalize_flat.py`` compares them with a rewrite of ``LossValley``). (3) the validation loss is the
+    mean over the pooled validation split (the code averages each training domain's mean: the same for holdout parts
+    of equal size). (4) the code recomputes BN once, after training, on 500 training minibatches (and only when BN
+    is not frozen; its defaults freeze it); here before every evaluation on ``bn_images`` images. (5) the code also
+    evaluates at step 0; the engine's first evaluation follows step ``eval_every``.
 
     **window "fixed"**: the steps ``s`` with ``floor(start_fraction T) <= s < ceil(end_fraction T)`` (``T =
     trainer.max_steps``; at least one step), defaults 0.5 and 1.0 (a design choice), averaged into ``averaged``
@@ -186,7 +192,7 @@ class SWAD(ERM):
             self.register_buffer("converged", torch.full((), -1, **long))  # the segment c where the valley starts
             self.register_buffer("joined", torch.full((), -1, **long))  # the newest segment in the valley average
             self.register_buffer("dead", torch.zeros((), dtype=torch.bool))
-            self.register_buffer("threshold", torch.full((), math.nan, dtype=torch.float64))
+            self.register_buffer("threshold", torch.zeros((), dtype=torch.float64))  # set at convergence
             self.register_buffer("valley", torch.zeros(size, dtype=dtype))
             self.register_buffer("valley_start", torch.full((), -1, **long))
             self.register_buffer("valley_end", torch.full((), -1, **long))
