@@ -39,3 +39,26 @@ def test_kd_report_statistics_by_hand():
     assert kd.method_overrides("dkd", ["t0"], 12.0) == ["method.teacher=t0", "method.warmup_epochs=1"]
     assert kd.method_overrides("ebkd", ["t0", "t1"], 1.0) == ["method.teachers=[t0,t1]"]
     assert kd.method_overrides("dml", ["t0"], 1.0) == []
+
+
+@pytest.mark.parametrize("plan", ["cpu", "gpu"])
+def test_generalize_sweep_recipes_are_valid_for_every_method_and_setting(tmp_path, plan):
+    from mentor.config import load_config
+
+    bench = load("generalize")
+    jobs = bench.dg_jobs(tmp_path, plan, ["digits_domains", "rotated_fmnist"], bench.DG_METHODS, [0], ["erm"])
+    for part in ("openset", "fewlabel", "single"):
+        jobs += bench._setting_runs(tmp_path, plan, part, [0])[0]
+    tests = bench.PLANS[plan]["tests"]
+    # one run per (method, held-out domain); ERM also holds out each other domain; GFNet ERM; the @adam variants
+    expected = sum(len(bench.DG_METHODS) * len(tests[d]) + len(tests[d]) * (len(bench.DOMAINS[d]) - 1)
+                   + len(tests[d]) for d in tests)
+    expected += len(tests["digits_domains"]) * (1 + len(bench.VARIANT_METHODS["adam"]))
+    assert len([j for j in jobs if "/dg/" in str(j[0])]) == expected
+    assert len({d for d, _ in jobs}) == len(jobs)  # every run has its own directory
+    for d, args in jobs:
+        args = [a for a in args if a != "trainer.device=cuda"]  # this machine may have no GPU
+        cfg = load_config(bench.BASE_RECIPE, args)  # every key exists and every value passes its rule
+        assert cfg.out_dir == str(d) and cfg.data.split_seed == cfg.trainer.seed == 0
+    irm = next(a for d, a in jobs if "/irm/" in str(d) and "/dg/digits_domains/" in str(d))
+    assert f"method.anneal_steps={round(0.1 * bench._steps(plan))}" in irm and "method.rescale=true" in irm
