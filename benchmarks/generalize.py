@@ -335,10 +335,11 @@ def report_setting(out: Path, plan: str, part: str, seeds: list[int]) -> str:
     keys = ["test_acc_best"]
     if part == "openset":
         keys = ["test_closed_acc_best", "test_h_score_best", "test_oscr_best"]
+    names = [k[len("test_"):-len("_best")] for k in keys]
     lines = [f"{spec['dataset']}: {spec['note']}.", "",
-             "| method | " + " | ".join(k[len('test_'):-len('_best')] + " (avg over held-out)" for k in keys)
-             + " | paired gain over ERM (first column) | cost |", "|---" * (len(keys) + 3) + "|"]
-    base = None
+             "| method | " + " | ".join(f"{n} (avg over held-out) | paired gain in {n}" for n in names)
+             + " | cost |", "|---" * (2 * len(keys) + 2) + "|"]
+    base: dict[str, list[float]] = {}
     for label, _, _ in spec["rows"]:
         per_key = {k: [] for k in keys}
         wall = 0.0
@@ -352,12 +353,13 @@ def report_setting(out: Path, plan: str, part: str, seeds: list[int]) -> str:
         if not per_key[keys[0]]:
             continue
         if label == "erm":
-            base = per_key[keys[0]]
-        gain = paired_gain(per_key[keys[0]], base) if base and label != "erm" and \
-            len(base) == len(per_key[keys[0]]) else "–"
+            base = per_key
+        cells = []
+        for k in keys:
+            paired = base and label != "erm" and len(base[k]) == len(per_key[k])
+            cells += [mean_std(per_key[k]), paired_gain(per_key[k], base[k]) if paired else "–"]
         name = f"**{label}**" if label in FOUNDING else label
-        lines.append(f"| {name} | " + " | ".join(mean_std(per_key[k]) for k in keys) + f" | {gain} | "
-                     f"{wall / 60:.1f} min |")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall / 60:.1f} min |")
     return "\n".join(lines)
 
 
