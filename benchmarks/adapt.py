@@ -35,7 +35,7 @@ from mentor.engine.adapt import AdaptPlan, adapt, build_adapt_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import mean_std, paired_gain  # noqa: E402
+from report import mean_std, paired_gain, write_report  # noqa: E402
 
 SOURCES = {"resnet8": "recipes/supervised/fmnist_resnet8.yaml", "vit": "recipes/adapt/fmnist_source_vit.yaml"}
 TTA_METHODS = ["source", "norm", "bn_ema", "tent", "eta", "eata", "sar", "deyo", "cotta", "memo", "lame", "rotta",
@@ -276,10 +276,7 @@ def main() -> None:
         text += "\n### Test-time adaptation on fmnist_c\n\n" + report_tta(out, seeds, models, tta_methods) + "\n"
     if "sfda" in parts:
         text += "\n### Source-free adaptation\n\n" + report_sfda(out, seeds, sfda_methods) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(text)
-    print(text)
-    print(f"({(time.time() - t0) / 60:.1f} min)")
+    write_report(out, text, t0)
 
 
 if __name__ == "__main__":

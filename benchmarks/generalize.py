@@ -35,7 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
-from report import mean_std, paired_gain  # noqa: E402
+from report import mean_std, paired_gain, write_report  # noqa: E402
 
 from mentor.generalize.selection import leave_one_domain_out, oracle, read_run  # noqa: E402
 
@@ -400,10 +400,7 @@ def main() -> None:
                         ("single", "One labelled source domain")):
         if part in parts:
             text += f"\n### {title}\n\n" + report_setting(out, args.plan, part, seeds) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(text)
-    print(text)
-    print(f"({(time.time() - t0) / 60:.1f} min)")
+    write_report(out, text, t0)
 
 
 if __name__ == "__main__":

@@ -24,3 +24,15 @@ def paired_gain(xs: list[float], base: list[float]) -> str:
     sd = statistics.stdev(d) if len(d) > 1 else 0.0
     mark = " *" if len(d) > 1 and abs(m) > 2 * sd else ""
     return f"{m:+.2f} ± {sd:.2f}{mark}"
+
+
+def write_report(out, text: str, t0: float) -> None:
+    """Write ``text`` to ``<out>/report.md``, print it and the minutes since ``t0``."""
+    import time
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    print(text)
+    print(f"({(time.time() - t0) / 60:.1f} min)")

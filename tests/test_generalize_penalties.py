@@ -272,13 +272,6 @@ def test_a_resumed_run_ends_with_the_straight_runs_state_and_buffers(tmp_path, n
 
 
 @pytest.mark.parametrize("name", sorted(EXTRA))
-def test_one_training_domain_is_refused(tmp_path, name):
-    with pytest.raises(ConfigError, match=f"method {name} compares training domains and needs at least 2; this run "
-                                          "trains on 1 \\(plain\\)"):
-        Trainer(dg_cfg(tmp_path, "one", name, "data.test_domains=[rolled, inverted]"))
-
-
-@pytest.mark.parametrize("name", sorted(EXTRA))
 def test_a_step_reads_nothing_back_to_the_host(name):
     hp = {"meta_test_domains": 1} if name == "mldg" else {}
     m = _method(name, domains=3, **hp)

@@ -144,6 +144,29 @@ def test_bad_domain_recipes_are_one_clear_message(tmp_path, extra, words):
     assert not (tmp_path / "bad").exists()
 
 
+def _needs_two():
+    from mentor.methods import BUILTIN
+
+    out = []
+    for name, module in sorted(BUILTIN.items()):
+        if module.startswith("mentor.generalize.") and getattr(METHODS.get(name), "min_domains", 1) >= 2:
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("name", _needs_two())
+def test_every_method_that_compares_domains_refuses_one_training_domain(tmp_path, name):
+    with pytest.raises(ConfigError, match=f"method {name} compares training domains and needs at least "
+                                          "[0-9]; this run trains on 1 \\(plain\\)"):
+        Trainer(dg_cfg(tmp_path, "one", name, "data.test_domains=[rolled, inverted]"))
+    assert not (tmp_path / "one").exists()
+
+
+def test_the_methods_that_compare_domains_say_so():
+    assert {"irm", "vrex", "groupdro", "mixup", "mldg", "fishr", "coral", "mmd", "dann", "cdann", "medic",
+            "normaug"} <= set(_needs_two())
+
+
 def test_a_method_that_needs_several_training_domains_says_so(tmp_path):
     with pytest.raises(ConfigError, match="needs at least 2; this run trains on 1 \\(plain\\)"):
         Trainer(dg_cfg(tmp_path, "one", "test_two_domains", "data.test_domains=[rolled, inverted]"))
