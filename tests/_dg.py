@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from _helpers import BNNet  # noqa: F401  (registers test_bncnn)
+from _helpers import resumes_bitwise as resumes_bitwise
 
 from mentor.config import load_config
 from mentor.data import ArrayDataset, load_dataset
@@ -40,24 +41,3 @@ def dg_cfg(tmp_path, name: str, method: str, *extra: str):
     return load_config(None, [f"out_dir={tmp_path / name}", f"method.name={method}", *DG_RUN, *extra])
 
 
-def resumes_bitwise(cfg, stop_after: int) -> tuple[dict, dict]:
-    """Train ``cfg("a")`` straight through and ``cfg("b")`` stopped by a signal after step ``stop_after`` and
-    resumed; assert the resumed run ends with the straight run's method state bit for bit. Returns the
-    straight run's state before and after training."""
-    from _helpers import fit_until_signal
-
-    from mentor.engine import Trainer
-
-    straight = Trainer(cfg("a"))
-    start = {k: v.clone() for k, v in straight.method.state_dict().items()}
-    straight.fit()
-    ref = straight.method.state_dict()
-    fit_until_signal(Trainer(cfg("b")), after_step=stop_after)
-    resumed = Trainer(cfg("b"))
-    resumed.fit()
-    assert resumed.start_step == stop_after + 1
-    got = resumed.method.state_dict()
-    assert ref.keys() == got.keys()
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), k
-    return start, ref

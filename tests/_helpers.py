@@ -271,3 +271,24 @@ def fit_until_signal(trainer, after_step: int) -> None:
             trainer.fit()
     finally:
         Trainer._train_step = original
+
+
+def resumes_bitwise(cfg, stop_after: int) -> tuple[dict, dict]:
+    """Train ``cfg("a")`` straight through and ``cfg("b")`` stopped by a signal after step ``stop_after`` and
+    resumed; assert the resumed run ends with the straight run's method state bit for bit. Returns the
+    straight run's state before and after training."""
+    from mentor.engine import Trainer
+
+    straight = Trainer(cfg("a"))
+    start = {k: v.clone() for k, v in straight.method.state_dict().items()}
+    straight.fit()
+    ref = straight.method.state_dict()
+    fit_until_signal(Trainer(cfg("b")), after_step=stop_after)
+    resumed = Trainer(cfg("b"))
+    resumed.fit()
+    assert resumed.start_step == stop_after + 1
+    got = resumed.method.state_dict()
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+    return start, ref

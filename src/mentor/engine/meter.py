@@ -85,3 +85,54 @@ class Meter:
             terms = self.phases[phase] = _Terms(list(s["names"]), s["sum"])
             terms.sum.copy_(s["sum"])
             terms.count = s["count"]
+
+
+class PhaseClock:
+    """Seconds spent in each optimizer phase (a data-free method's synthesis and student time, apart).
+
+    On the CPU each phase is timed with the host clock. On a GPU the work is asynchronous, so a pair of
+    CUDA events brackets each phase and the elapsed times are read only when :meth:`seconds` is called
+    (after the engine's periodic synchronisation), never per step. Steps replayed from a CUDA graph are
+    not timed (their phases run as one launch)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.total: dict[str, float] = {}
+        self._open: dict[str, Any] = {}
+        self._pending: list[tuple[str, Any, Any]] = []
+
+    def start(self, phase: str) -> None:
+        import time
+
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._open[phase] = ev
+        else:
+            self._open[phase] = time.perf_counter()
+
+    def stop(self, phase: str) -> None:
+        import time
+
+        begin = self._open.pop(phase, None)
+        if begin is None:
+            return
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((phase, begin, end))
+        else:
+            self.total[phase] = self.total.get(phase, 0.0) + time.perf_counter() - begin
+
+    def seconds(self) -> dict[str, float]:
+        for phase, begin, end in self._pending:
+            end.synchronize()
+            self.total[phase] = self.total.get(phase, 0.0) + begin.elapsed_time(end) / 1000.0
+        self._pending.clear()
+        return dict(self.total)
+
+    def state_dict(self) -> dict[str, float]:
+        return self.seconds()
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.total = {k: float(v) for k, v in state.items()}

@@ -65,25 +65,37 @@ class CapturableSGD(torch.optim.Optimizer):
         return None
 
 
+def _replace(cfg, overrides: dict | None, what: str):
+    if not overrides:
+        return cfg
+    try:
+        return dataclasses.replace(cfg, **overrides)
+    except TypeError as e:
+        raise ConfigError(f"phase {what} override: {e}") from None
+
+
+def _param_groups(params: list[nn.Parameter], cfg: OptimConfig) -> list[dict]:
+    if cfg.decay_norm_bias:
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    decay, no_decay = split_decay(params)
+    return [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
 def build_optimizer(params: list[nn.Parameter], cfg: OptimConfig, overrides: dict | None = None,
-                    capturable: bool = False):
+                    capturable: bool = False, extra: list[tuple[list[nn.Parameter], dict]] | None = None):
     """SGD (momentum, Nesterov) or AdamW over ``params``, norms and biases undecayed by default.
 
-    ``capturable=True`` gives optimizers whose step can be captured in a CUDA graph (state and step
-    counters on the device; see :class:`CapturableSGD`); :func:`device_lr` then moves their rates to
-    the device."""
-    if overrides:
-        try:
-            cfg = dataclasses.replace(cfg, **overrides)
-        except TypeError as e:
-            raise ConfigError(f"phase optimizer override: {e}") from None
-    params = list(params)
-    if cfg.decay_norm_bias:
-        groups = [{"params": params, "weight_decay": cfg.weight_decay}]
-    else:
-        decay, no_decay = split_decay(params)
-        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    ``extra`` adds parameter groups with their own rate, decay or betas (``[(codes, {"lr": 0.01})]``);
+    the optimizer's kind is the phase's. ``capturable=True`` gives optimizers whose step can be captured
+    in a CUDA graph (state and step counters on the device; see :class:`CapturableSGD`);
+    :func:`device_lr` then moves their rates to the device."""
+    cfg = _replace(cfg, overrides, "optimizer")
+    groups = _param_groups(list(params), cfg)
+    for more, own in extra or []:
+        sub = _replace(cfg, own, "parameter group")
+        groups += [{**g, "lr": sub.lr, "betas": sub.betas, "momentum": sub.momentum}
+                   for g in _param_groups(list(more), sub)]
     # foreach kernels keep the update a handful of launches; state lives on the parameters' device.
     if cfg.name == "sgd":
         if capturable:
@@ -150,5 +162,7 @@ class StepSchedule:
         self._apply()
 
 
-def build_scheduler(opt: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int, base_lr: float) -> StepSchedule:
-    return StepSchedule(opt, cfg, max_steps, base_lr)
+def build_scheduler(opt: torch.optim.Optimizer, cfg: ScheduleConfig, max_steps: int, base_lr: float,
+                    overrides: dict | None = None) -> StepSchedule:
+    """The schedule of one phase's optimizer: the run's ``schedule`` with the phase's ``overrides``."""
+    return StepSchedule(opt, _replace(cfg, overrides, "schedule"), max_steps, base_lr)

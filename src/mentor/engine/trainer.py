@@ -38,7 +38,7 @@ from .evaluate import Evaluator
 from .graph import GraphStep, check_capturable
 from .inputs import Splits, TrainInputs, data_free_splits, load_splits
 from .logger import RunLogger, format_duration, log, truncate_metrics
-from .meter import Meter, NonFiniteLossError
+from .meter import Meter, NonFiniteLossError, PhaseClock
 from .optim import build_optimizer, build_scheduler, device_lr
 from .rundir import RunDir
 
@@ -194,10 +194,10 @@ class Trainer:
         self.phases = self.method.phases()
         if t.cuda_graph:
             check_capturable(self.device, self.dist.enabled, t.accumulate, self.phases)
-        self.optimizers = [build_optimizer(p.params, cfg.optim, p.optim, capturable=t.cuda_graph)
+        self.optimizers = [build_optimizer(p.params, cfg.optim, p.optim, capturable=t.cuda_graph, extra=p.groups)
                            for p in self.phases]
-        self.schedulers = [build_scheduler(o, cfg.schedule, t.max_steps, o.param_groups[0]["lr"])
-                           for o in self.optimizers]
+        self.schedulers = [build_scheduler(o, cfg.schedule, t.max_steps, o.param_groups[0]["lr"], p.schedule)
+                           for p, o in zip(self.phases, self.optimizers)]
         self.ema = EMA(self.method.deployable(), t.ema).to(self.device) if t.ema else None
         if t.compile:
             for _, child in self.method.named_children():
@@ -222,6 +222,7 @@ class Trainer:
         self.train_seconds, self.train_images = 0.0, 0
         self.saved_step: int | None = None  # the step of last.pt on disk (written or resumed from)
         self.meter = Meter(self.dist, prefix_phases=len(self.phases) > 1)
+        self.clock = PhaseClock(self.device)
         self._checked: set[str] = set()
 
     # -- set-up helpers --------------------------------------------------------------------------
@@ -254,7 +255,8 @@ class Trainer:
             "best": dict(self.best),
             "last_val": dict(self.last_val),
             "wall": self.history_wall + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0),
-            "throughput": {"seconds": self.train_seconds, "images": self.train_images},
+            "throughput": {"seconds": self.train_seconds, "images": self.train_images,
+                           "phases": self.clock.state_dict()},
             "config": to_dict(self.cfg),
             "info": self.network_info(),
         }
@@ -307,6 +309,7 @@ class Trainer:
         self.history_wall = state["wall"]
         through = state.get("throughput", {})
         self.train_seconds, self.train_images = through.get("seconds", 0.0), through.get("images", 0)
+        self.clock.load_state_dict(through.get("phases", {}))
         self.start_step = self.saved_step = state["step"]
         before = state.get("config", {}).get("trainer", {}).get("max_steps", self.cfg.trainer.max_steps)
         if before != self.cfg.trainer.max_steps and self.is_main:
@@ -455,6 +458,9 @@ class Trainer:
             if isinstance(step, int) and not phase.due(step):
                 continue
             ctx.phase = phase.name
+            if phase.fresh and isinstance(step, int) and phase.opens(step):
+                opt.state.clear()  # a new round starts from a fresh optimizer (Adam's moments at zero)
+            self.clock.start(phase.name)
             opt.zero_grad(set_to_none=True)
             out: dict[str, Tensor] = {}
             for micro in range(t.accumulate):
@@ -470,8 +476,9 @@ class Trainer:
                         self._checked.add(phase.name)
                     (out["loss"] / t.accumulate).backward()
             if t.clip_grad:
-                torch.nn.utils.clip_grad_norm_(phase.params, t.clip_grad, foreach=True)
+                torch.nn.utils.clip_grad_norm_(phase.all_params(), t.clip_grad, foreach=True)
             opt.step()
+            self.clock.stop(phase.name)
             self.meter.add(phase.name, {**out, **ctx.diagnostics}, step)
         self.method.after_step(ctx)
         if self.ema is not None:
@@ -621,6 +628,9 @@ class Trainer:
         out["wall_s"] = self.history_wall + (time.perf_counter() - self._t0)
         # over every session of the run (a resume that trains nothing reports the earlier sessions' rate)
         out["train_img_s"] = self.train_images / self.train_seconds if self.train_seconds > 0 else None
+        out.update(self.method.report())
+        if len(self.phases) > 1:  # seconds in each optimizer phase (steps replayed from a CUDA graph excepted)
+            out["phase_seconds"] = {k: round(v, 3) for k, v in self.clock.seconds().items()}
         out["device"] = hardware_name(self.device)
         out["threads"] = torch.get_num_threads()
         out["torch"] = str(torch.__version__)

@@ -136,9 +136,18 @@ class BuildInfo:
 class Phase:
     """One optimizer and the parameters it updates, run every ``every`` steps.
 
-    ``optim`` overrides fields of the run's optimizer config for this phase (e.g. ``{"lr": 1e-3}``).
-    ``offset`` shifts the steps it runs at: due when ``(step - offset) % every == 0`` (DANN's
-    alternating discriminator and generator steps are ``every=2`` with offsets 0 and 1).
+    ``optim`` overrides fields of the run's optimizer config for this phase (e.g. ``{"lr": 1e-3}``) and
+    ``schedule`` fields of its schedule config (``{"name": "constant"}`` for a generator whose rate the
+    papers keep fixed). ``groups`` are further parameters with their own overrides in the same optimizer
+    (latent codes at their own rate: ``[(codes, {"lr": 0.015})]``).
+
+    When it runs: from step ``offset`` on, the first ``span`` steps of every ``every`` steps, i.e. due when
+    ``step >= offset`` and ``(step - offset) % every < span``. DANN's alternating discriminator and
+    generator are ``every=2`` with offsets 0 and 1; a data-free round of ``g`` synthesis steps followed by
+    ``k`` student steps is ``Phase("synthesis", every=g + k, span=g)`` and
+    ``Phase("student", every=g + k, offset=g, span=k)``. ``fresh`` clears the optimizer's state (Adam's
+    moments) at the first step of every window, as a new optimizer per synthesis round would, without
+    rebuilding it.
     """
 
     name: str
@@ -146,9 +155,25 @@ class Phase:
     every: int = 1
     optim: dict[str, Any] = field(default_factory=dict)
     offset: int = 0
+    span: int = 1
+    fresh: bool = False
+    schedule: dict[str, Any] = field(default_factory=dict)
+    groups: list[tuple[list[nn.Parameter], dict[str, Any]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or not 1 <= self.span <= self.every or self.offset < 0:
+            raise ValueError(f"Phase {self.name!r}: needs every >= 1, 1 <= span <= every and offset >= 0 "
+                             f"(got every={self.every}, span={self.span}, offset={self.offset})")
 
     def due(self, step: int) -> bool:
-        return (step - self.offset) % self.every == 0
+        return step >= self.offset and (step - self.offset) % self.every < self.span
+
+    def opens(self, step: int) -> bool:
+        """Whether ``step`` is the first step of one of the phase's windows."""
+        return step >= self.offset and (step - self.offset) % self.every == 0
+
+    def all_params(self) -> list[nn.Parameter]:
+        return [*self.params, *(p for params, _ in self.groups for p in params)]
 
 
 @dataclass(frozen=True)
@@ -282,6 +307,11 @@ class Method(nn.Module):
     def eval_heads(self) -> dict[str, nn.Module]:
         """Networks evaluated beside ``predict`` and reported as ``val_acc_<name>`` (e.g. every peer
         of an online method, a branch of a multi-branch student, an EMA teacher)."""
+        return {}
+
+    def report(self) -> dict[str, Any]:
+        """Numbers the method adds to ``summary.json`` at the end of a run (a data-free method's count of
+        synthesised images); read once, on the host."""
         return {}
 
     def phases(self) -> list[Phase]:

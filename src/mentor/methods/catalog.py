@@ -27,6 +27,18 @@ BUILTIN: dict[str, str] = {
     "dml": "mentor.distill.online",
     "okddip": "mentor.distill.online",
     "mbd": "mentor.distill.online",
+    # data-free distillation
+    "dafl": "mentor.datafree.dafl",
+    "zskt": "mentor.datafree.zskt",
+    "dfad": "mentor.datafree.dfad",
+    "dfq": "mentor.datafree.dfq",
+    "deepinversion": "mentor.datafree.deepinversion",
+    "cmi": "mentor.datafree.cmi",
+    "fast": "mentor.datafree.fast",
+    "csd": "mentor.datafree.csd",
+    "cpsc_dfkd": "mentor.datafree.cpsc",
+    "dfkd_fgvc": "mentor.datafree.fgvc",
+    "dfdg": "mentor.datafree.dfdg",
     # semi-supervised learning
     "pseudo_label": "mentor.semi.pseudo_label",
     "fixmatch": "mentor.semi.fixmatch",
