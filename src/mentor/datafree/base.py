@@ -121,7 +121,9 @@ class DataFreeMethod(Method):
             return BNStatistics(self.teacher, cfg.bn_momentum, cfg.first_bn_multiplier,
                                 what=f"teacher {cfg.teacher}")
         except BNStatisticsError as e:
-            raise ConfigError(f"method {cfg.name} (method.bn={cfg.bn}): {e}") from None
+            raise ConfigError(f"method {cfg.name} matches the teacher's BatchNorm statistics (method.bn={cfg.bn}), but "
+                              f"{e}. Distil a teacher with BatchNorm (a zoo ResNet or WRN), or set method.bn=0 where "
+                              "the method's loss does not rest on them") from None
 
     # -- views of synthetic images ----------------------------------------------------------------
     def normalize(self, x01: Tensor) -> Tensor:

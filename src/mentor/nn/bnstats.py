@@ -58,8 +58,7 @@ class BNStatistics(nn.Module):
             has = f"its normalisation layers are {', '.join(kinds)}" if kinds else "it has no normalisation layer"
             raise BNStatisticsError(
                 f"the {what} {type(net).__name__} has no BatchNorm layer with running statistics (looked for "
-                f"nn.BatchNorm1d/2d/3d and SyncBatchNorm with track_running_stats=True): {has}. The BN-statistics "
-                "term needs them; use a teacher with BatchNorm, or set the method's bn weight to 0 where it allows")
+                f"nn.BatchNorm1d/2d/3d and SyncBatchNorm with track_running_stats=True): {has}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"BN-statistics momentum must lie in [0, 1), got {momentum}")
         self.momentum, self.first_multiplier = momentum, first_multiplier
