@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+import _datafree
 import pytest
 import torch
 import torch.nn.functional as F
-from _datafree import df_cfg, digits_teacher  # noqa: F401  (session fixture)
+from _datafree import df_cfg
 from _helpers import FixedMLP, resumes_bitwise  # noqa: F401  (registers test_mlp)
 from torch import nn
 
@@ -24,6 +25,7 @@ from mentor.errors import TeacherError
 from mentor.methods import METHODS, Phase, register_method
 
 pytest.importorskip("sklearn")
+digits_teacher = _datafree.digits_teacher  # the session fixture of a small BN teacher on the digits
 
 
 # ---------------------------------------------------------------------------------------------- phases
@@ -157,9 +159,9 @@ def test_a_teacher_without_batchnorm_names_the_layers_looked_for(tmp_path):
 
 def test_a_teacher_run_that_is_not_a_classifier_is_named(tmp_path):
     out = tmp_path / "edm"
-    train(load_config("recipes/diffusion/digits_edm.yaml", [f"out_dir={out}", "trainer.max_steps=2", "schedule.warmup_steps=0",
-                                                           "trainer.eval_every=2", "trainer.ckpt_every=2",
-                                                           "trainer.progress=false"]))
+    train(load_config("recipes/diffusion/digits_edm.yaml", [
+        f"out_dir={out}", "trainer.max_steps=2", "schedule.warmup_steps=0", "trainer.eval_every=2",
+        "trainer.ckpt_every=2", "trainer.progress=false"]))
     with pytest.raises((TeacherError, ConfigError), match="not a classifier"):
         Trainer(df_cfg(tmp_path, "c", "test_windows", out))
 

@@ -101,8 +101,8 @@ class DataFreeMethod(Method):
     def __init__(self, cfg: DataFreeConfig, student: nn.Module, info: BuildInfo):
         super().__init__(cfg, student, info)
         if not cfg.teacher:
-            raise ConfigError(f"method.teacher is required for {cfg.name!r}: the run directory of the trained classifier "
-                              "to distil without data, e.g. method.teacher=runs/supervised/fmnist_resnet20")
+            raise ConfigError(f"method.teacher is required for {cfg.name!r}: the run directory of the trained "
+                              "classifier to distil without data, e.g. method.teacher=runs/supervised/fmnist_resnet20")
         from ..engine.teacher import load_teacher
 
         _require_classifier_teacher(cfg.teacher)
@@ -190,6 +190,12 @@ class DataFreeMethod(Method):
     def training_step(self, batch: dict[str, Tensor], ctx: StepContext) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    @classmethod
+    def steps_for(cls, cfg: DataFreeConfig, student_steps: int) -> int:
+        """The ``trainer.max_steps`` that gives the student ``student_steps`` steps (synthesis steps come on top
+        in the method's ratio): how a benchmark gives every method the same student budget."""
+        raise NotImplementedError
+
 
 # ------------------------------------------------------------------------------------------------ online
 @rules(g_steps=COUNT, s_steps=COUNT)
@@ -225,6 +231,10 @@ class GenerativeMethod(DataFreeMethod):
 
     def generator_params(self) -> list[nn.Parameter]:
         return list(self.generator.parameters())
+
+    @classmethod
+    def steps_for(cls, cfg: GenerativeConfig, student_steps: int) -> int:
+        return -(-student_steps // cfg.s_steps) * (cfg.g_steps + cfg.s_steps)
 
     def phases(self) -> list[Phase]:
         cfg = self.cfg
@@ -320,6 +330,10 @@ class InversionMethod(DataFreeMethod):
     @property
     def period(self) -> int:
         return self.cfg.g_steps + self.cfg.kd_steps
+
+    @classmethod
+    def steps_for(cls, cfg: InversionConfig, student_steps: int) -> int:
+        return (-(-student_steps // cfg.kd_steps) + cfg.warmup_rounds) * (cfg.g_steps + cfg.kd_steps)
 
     # -- what a subclass provides ------------------------------------------------------------------
     def synthesis_params(self) -> tuple[list[nn.Parameter], list[tuple[list[nn.Parameter], dict]]]:

@@ -87,7 +87,8 @@ class BNStatistics(nn.Module):
             self._moments[i] = (mean.detach(), var.detach())
             if self.momentum > 0:
                 m = self.momentum
-                blend = torch.where(self.has_ema, torch.tensor(m, device=mean.device), torch.zeros((), device=mean.device))
+                zero = torch.zeros((), device=mean.device)
+                blend = torch.where(self.has_ema, zero + m, zero)
                 mean = (1 - blend) * mean + blend * getattr(self, f"ema_mean_{i}")
                 var = (1 - blend) * var + blend * getattr(self, f"ema_var_{i}")
             term = torch.linalg.vector_norm(module.running_mean.float() - mean) + \
