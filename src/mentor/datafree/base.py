@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import COUNT, DECAY, NON_NEGATIVE, PATH, POSITIVE, ConfigError, rules
+from ..config import COUNT, DECAY, MAX_BATCH, NON_NEGATIVE, PATH, POSITIVE, ConfigError, between, rules
 from ..data.augment import WeakAugment
 from ..methods import NO_DATA, BuildInfo, Method, MethodConfig, Phase, StepContext
 from ..nn import frozen_bn_stats, soft_kl, train_accuracy
@@ -39,7 +39,8 @@ from .generators import Generator
 from .pool import SyntheticPool
 
 
-@rules(teacher=PATH, batch_size=COUNT, temperature=POSITIVE, nz=COUNT, ngf=COUNT, lr_g=POSITIVE,
+@rules(teacher=PATH, batch_size=between(1, MAX_BATCH), temperature=POSITIVE, nz=between(1, 1 << 16),
+       ngf=between(1, 1 << 12), lr_g=POSITIVE,
        padding=NON_NEGATIVE, bn=NON_NEGATIVE, bn_momentum=DECAY, first_bn_multiplier=NON_NEGATIVE,
        oh=NON_NEGATIVE, adv=NON_NEGATIVE)
 @dataclass
@@ -353,7 +354,9 @@ class InversionMethod(DataFreeMethod):
         raise NotImplementedError
 
     def end_round(self) -> None:
-        """After the round's best batch joined the pool (meta-updates, moving averages)."""
+        """After the round's best batch joined the pool (meta-updates, moving averages). It runs inside the
+        round's last synthesis step, before that step's backward: it must not change in place a parameter
+        that step's graph holds."""
         if self.bn_stats is not None:
             self.bn_stats.update_ema()
 

@@ -62,9 +62,9 @@ from torch import Tensor, nn
 
 from ..config import COUNT, DECAY, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, rules
 from ..methods import BuildInfo, StepContext, register_method
-from ..nn.norm import bn_layers
+from ..nn.norm import bn_layers, evaluating
 from .base import InversionConfig, LatentGeneratorMethod
-from .deepinversion import adversarial_weight, evaluating
+from .deepinversion import adversarial_weight
 from .losses import masked_adversarial_kl
 
 

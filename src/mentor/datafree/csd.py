@@ -35,8 +35,6 @@ fallback of ``csd=0, adv>0`` to an unmasked adversarial KL is not provided.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -48,19 +46,9 @@ from ..distill.connectors import probe_shapes
 from ..methods import BuildInfo, Phase, StepContext, register_method
 from ..models import FeatureTap, PenultimateTap, stage_names
 from ..nn import train_accuracy
+from ..nn.norm import evaluating
 from .base import InversionConfig, LatentGeneratorMethod
 from .generators import dcgan_init
-
-
-@contextlib.contextmanager
-def _evaluating(net: nn.Module) -> Iterator[None]:
-    """``net`` in eval mode inside the block (the reference's ``student.eval()`` around its head)."""
-    mode = net.training
-    net.eval()
-    try:
-        yield
-    finally:
-        net.train(mode)
 
 
 def rotations(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,7 +153,7 @@ class CSD(LatentGeneratorMethod):
         """The head's logits on the student's pooled features of the four rotations of ``x`` (the
         student in eval mode; gradients flow to ``x`` and the head), and their labels ``4y + k``."""
         xr, yr = rotations(x, y)
-        with _evaluating(self.student):
+        with evaluating(self.student):
             f, _ = self.penultimate(xr)
         return self.head(f), yr
 
@@ -205,7 +193,7 @@ class CSD(LatentGeneratorMethod):
         x, y = self._head_batch
         self._head_batch = None
         xr, yr = rotations(x, y)
-        with torch.no_grad(), _evaluating(self.student):
+        with torch.no_grad(), evaluating(self.student):
             f, _ = self.penultimate(xr)
         logits = self.head(f)
         ce = F.cross_entropy(logits.float(), yr)

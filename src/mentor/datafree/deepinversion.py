@@ -37,8 +37,6 @@ Design choices and deviations:
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -47,21 +45,9 @@ from torch import Tensor, nn
 
 from ..config import DECAY, NON_NEGATIVE, POSITIVE, rules
 from ..methods import BuildInfo, StepContext, register_method
+from ..nn.norm import evaluating
 from .base import InversionConfig, InversionMethod
 from .losses import js_divergence, total_variation
-
-
-@contextlib.contextmanager
-def evaluating(net: nn.Module) -> Iterator[nn.Module]:
-    """``net`` in eval mode inside the block, every sub-module's own mode restored after it (the student's
-    forward during synthesis: no dropout, running BN statistics, nothing recorded into them)."""
-    modes = [(m, m.training) for m in net.modules()]
-    net.train(False)
-    try:
-        yield net
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def adversarial_weight(weight: float, in_warmup: bool | Tensor, device: torch.device) -> Tensor:

@@ -97,3 +97,18 @@ def replace_norm(module: nn.Module, factory, kinds: tuple[type[nn.Module], ...] 
                 setattr(child, attr, new)
                 swapped.append(full)
     return swapped
+
+
+@contextlib.contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """``modules`` in eval mode inside the block (BatchNorm reads its running statistics and records nothing,
+    no dropout), then every sub-module's own mode restored: a student's forward during a data-free
+    synthesis step, the other generator of a pair."""
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
