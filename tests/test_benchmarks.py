@@ -62,3 +62,26 @@ def test_generalize_sweep_recipes_are_valid_for_every_method_and_setting(tmp_pat
         assert cfg.out_dir == str(d) and cfg.data.split_seed == cfg.trainer.seed == 0
     irm = next(a for d, a in jobs if "/irm/" in str(d) and "/dg/digits_domains/" in str(d))
     assert f"method.anneal_steps={round(0.5 * bench._steps(plan))}" in irm and "method.rescale=true" in irm
+
+
+@pytest.mark.parametrize("plan", ["cpu", "gpu"])
+def test_datafree_sweep_recipes_are_valid_and_give_every_method_the_same_student_steps(tmp_path, plan):
+    from mentor.config import load_config
+    from mentor.methods import METHODS
+
+    bench = load("datafree")
+    teachers = {recipe: tmp_path / "teacher" for recipe, _ in bench.PLANS[plan]["pairs"]}
+    jobs = bench.plan_jobs(tmp_path, plan, [0, 1], bench.METHODS, "cpu", teachers)
+    pairs = len(bench.PLANS[plan]["pairs"])
+    assert len(jobs) == pairs * 2 * (len(bench.METHODS) + 2) and len({d for d, _, _ in jobs}) == len(jobs)
+    want = bench.PLANS[plan]["student_steps"]
+    for d, recipe, args in jobs:
+        cfg = load_config(recipe, args)  # every key exists and every value passes its rule
+        assert cfg.out_dir == str(d)
+        name = cfg.method.name
+        if name in bench.METHODS:
+            # tests/test_datafree_engine.py checks that steps_for gives the student exactly this many steps
+            assert cfg.method.batch_size == bench.PLANS[plan]["batch"]
+            assert METHODS.get(name).steps_for(cfg.method, want) == cfg.trainer.max_steps
+        else:
+            assert cfg.trainer.max_steps == want and cfg.data.batch_size == bench.PLANS[plan]["batch"]

@@ -189,3 +189,19 @@ def test_generator_reset_differs_between_rounds(tmp_path, digits_teacher):
     # a reset generator starts from N(0, 0.02) weights
     assert abs(float(second.std()) - 0.02) < 0.01
     assert F.mse_loss(second, first) > 1e-5
+
+
+@pytest.mark.parametrize("method", ["dafl", "zskt", "dfad", "dfq", "deepinversion", "cmi", "fast", "csd", "cpsc_dfkd",
+                                    "dfkd_fgvc", "dfdg"])
+def test_steps_for_gives_the_student_the_asked_number_of_steps(tmp_path, digits_teacher, method):
+    # the benchmark gives every method the same student budget through steps_for; count the student
+    # phase's due steps in the method's own phase layout
+    cfg = df_cfg(tmp_path, method, method, digits_teacher, "method.warmup_rounds=1" if method in ("fast", "csd")
+                 else "trainer.seed=0")
+    t = Trainer(cfg)
+    for want in (7, 30):
+        steps = METHODS.get(method).steps_for(cfg.method, want)
+        student = next(p for p in t.phases if p.name == "student")
+        got = sum(student.due(s) for s in range(steps))
+        assert want <= got < want + student.span, (got, want)
+        assert sum(student.due(s) for s in range(steps - student.every)) < want  # no whole period to spare
