@@ -193,7 +193,6 @@ def write_grid(run: Path, out_png: Path, n: int = 40) -> None:
     from mentor.config import load_config
     from mentor.diffusion.sample import image_grid, write_png
     from mentor.engine import Trainer
-
     from mentor.engine import checkpoint as ckpt
 
     trainer = Trainer(load_config(run / "config.yaml", ["trainer.device=cpu"]))
