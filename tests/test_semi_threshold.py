@@ -313,3 +313,38 @@ def test_eval_reports_the_raw_network_and_its_ema_copy(tmp_path):
         out = evaluate_run(run / ckpt_name, device="cpu")
         assert out["test_acc"] == pytest.approx(summary["test_acc_last"])
         assert out["test_acc_ema"] == pytest.approx(summary["test_acc_ema_last"])
+
+
+# ------------------------------------------------------------------------------------------ method.masker
+def test_fixmatch_with_flexmatch_masker_is_flexmatch(tmp_path):
+    """``method.masker`` swaps the confidence mask and nothing else: FixMatch with FlexMatch's curriculum is
+    FlexMatch (which changes only the mask), bit for bit."""
+    runs = {}
+    for name, extra in (("flexmatch", ["method.p_cutoff=0.2"]),
+                        ("fixmatch", ["method.masker=flexmatch", "method.p_cutoff=0.2"])):
+        t = Trainer(load_config(None, [f"out_dir={tmp_path / name}", f"method.name={name}", *RUN, *extra]))
+        t.fit()
+        runs[name] = t.method.state_dict()
+    assert runs["flexmatch"].keys() == runs["fixmatch"].keys()
+    for k, v in runs["flexmatch"].items():
+        assert torch.equal(v, runs["fixmatch"][k]), k
+    assert (runs["fixmatch"]["masker.selected_label"] >= 0).any()  # the curriculum recorded predictions
+
+
+@pytest.mark.parametrize("masker", ["fixed", "freematch", "softmatch"])
+def test_a_named_masker_replaces_the_methods_own(tmp_path, masker):
+    from mentor.nn import FixedThreshold, FreeMatchThreshold, SoftMatchWeight
+
+    t = Trainer(load_config(None, [f"out_dir={tmp_path / masker}", "method.name=uda", *RUN,
+                                   f"method.masker={masker}"]))
+    kind = {"fixed": FixedThreshold, "freematch": FreeMatchThreshold, "softmatch": SoftMatchWeight}[masker]
+    assert isinstance(t.method.masker, kind)
+    t.fit()
+
+
+def test_an_unknown_masker_and_one_a_method_cannot_swap_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"method.masker.*one of fixed, flexmatch, freematch, softmatch"):
+        load_config(None, ["method.name=fixmatch", *RUN, "method.masker=flex"])
+    with pytest.raises(ConfigError, match="reads the state of its own masker"):
+        Trainer(load_config(None, [f"out_dir={tmp_path / 'f'}", "method.name=freematch", *RUN,
+                                   "method.masker=fixed"]))

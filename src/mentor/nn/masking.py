@@ -327,3 +327,29 @@ def relative_threshold(probs_lb: Tensor, probs_u: Tensor, p_cutoff: float = 0.95
 __all__ = ["DashThreshold", "FixedThreshold", "FlexThreshold", "FreeMatchThreshold", "SoftMatchWeight",
            "all_gather_cat", "all_reduce_sum", "class_counts", "distributed", "freematch_fairness",
            "relative_threshold", "step_tensor"]
+
+
+#: the maskers a recipe can name with ``method.masker`` (the confidence-threshold family composes any of them)
+MASKERS = ("fixed", "flexmatch", "freematch", "softmatch")
+
+
+def named_masker(name: str, num_classes: int, num_unlabeled: int, p_cutoff: float = 0.95,
+                 ema: float = 0.999) -> nn.Module:
+    """The masker called ``name`` (one of :data:`MASKERS`) with its paper's defaults: FixMatch's fixed
+    threshold at ``p_cutoff``, FlexMatch's per-class curriculum over the unlabelled pool, FreeMatch's
+    self-adaptive threshold, SoftMatch's truncated Gaussian weights (both with moving averages at ``ema``)."""
+    if name == "fixed":
+        return FixedThreshold(p_cutoff)
+    if name == "flexmatch":
+        return FlexThreshold(num_classes, num_unlabeled, p_cutoff)
+    if name == "freematch":
+        return FreeMatchThreshold(num_classes, ema)
+    if name == "softmatch":
+        return SoftMatchWeight(num_classes, ema=ema)
+    raise ValueError(f"unknown masker {name!r}; known: {', '.join(MASKERS)}")
+
+
+def apply_masker(masker: nn.Module, probs: Tensor, index: Tensor) -> Tensor:
+    """One weight per unlabelled image from any masker of :func:`named_masker` (FlexMatch's reads the
+    images' positions ``index`` in the pool)."""
+    return masker(probs, index) if isinstance(masker, FlexThreshold) else masker(probs)

@@ -31,6 +31,8 @@ class Dash(FixMatch):
     forward also carries the unlabelled views (one concatenated forward, as every step).
     """
 
+    keeps_own_masker = True
+
     @rules(T=POSITIVE, gamma=at_least(1), C=POSITIVE, rho_min=POSITIVE, warmup_steps=COUNT, rho_window=COUNT,
            decay_every=COUNT)
     @dataclass

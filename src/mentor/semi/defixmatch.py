@@ -23,6 +23,8 @@ class DeFixMatch(FixMatch):
     engine makes any view the method declares.)
     """
 
+    keeps_own_masker = True
+
     inputs = Inputs(labeled=("weak", "strong"), unlabeled=("weak", "strong"))
 
     def views(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -4,25 +4,31 @@ AdaMatch, DeFixMatch): one forward, a weak-view pseudo-label, a mask, a strong-v
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..config import NON_NEGATIVE, POSITIVE, PROBABILITY, rules
+from ..config import NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Rule, rules
 from ..methods import Inputs, StepContext, register_method
 from ..methods.supervised import Supervised
 from ..nn import FixedThreshold, train_accuracy
+from ..nn.masking import MASKERS, apply_masker, named_masker
 
 Logits = dict[str, Tensor]
 
 
-@rules(lambda_u=NON_NEGATIVE)
+@rules(lambda_u=NON_NEGATIVE,
+       masker=Rule(lambda v: v in ("", *MASKERS), f"one of {', '.join(MASKERS)}, or empty for the method's own"))
 @dataclass
 class SemiConfig(Supervised.Config):
-    """What every method of the family has: the weight of the unlabelled loss."""
+    """What every method of the family has: the weight of the unlabelled loss, and ``masker``: empty for the
+    method's own confidence mask, or the name of another (``fixed``, ``flexmatch``, ``freematch``,
+    ``softmatch``: :func:`mentor.nn.masking.named_masker`) to compose it with the method's other parts."""
 
     lambda_u: float = 1.0
+    masker: str = ""
 
 
 @rules(T=POSITIVE)
@@ -65,9 +71,24 @@ class FixMatch(Supervised):
     class Config(TargetConfig):
         p_cutoff: float = 0.95
 
+    #: other parts of the method read its own masker's state (FreeMatch's fairness term, Dash's loss record),
+    #: so ``method.masker`` cannot replace it
+    keeps_own_masker: ClassVar[bool] = False
+
     def __init__(self, cfg, student, info):
         super().__init__(cfg, student, info)
-        self.masker = self.build_masker()
+        if cfg.masker and self.keeps_own_masker:
+            raise ConfigError(f"method.masker={cfg.masker}: method {cfg.name} reads the state of its own masker "
+                              "elsewhere in its loss, so another cannot replace it; leave method.masker empty, or "
+                              f"use fixmatch with method.masker={cfg.masker}")
+        if cfg.masker:
+            if cfg.masker == "flexmatch" and info.unlabeled_size < 1:
+                raise ConfigError("method.masker=flexmatch keeps one prediction per unlabelled image: it needs the "
+                                  "unlabelled pool's size (the engine sets it)")
+            self.masker = named_masker(cfg.masker, info.num_classes, max(1, info.unlabeled_size),
+                                       getattr(cfg, "p_cutoff", 0.95))
+        else:
+            self.masker = self.build_masker()
 
     def build_masker(self) -> torch.nn.Module | None:
         """The stateful (or not) masker, a sub-module so its state is checkpointed."""
@@ -109,7 +130,7 @@ class FixMatch(Supervised):
         sup = self.supervised(z, batch, ctx)
         raw = z["u_weak"].detach().float().softmax(1)
         probs = self.align(raw, z, ctx)
-        mask = self.mask(probs, z, batch, ctx)
+        mask = apply_masker(self.masker, probs, batch["u_index"]) if c.masker else self.mask(probs, z, batch, ctx)
         target = self.targets(probs, raw, z, ctx)
         ctx.pseudo_labels(target if target.dim() == 1 else target.argmax(1), mask)
         unsup = (F.cross_entropy(z["u_strong"].float(), target, reduction="none") * mask).mean()

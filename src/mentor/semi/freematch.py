@@ -25,6 +25,8 @@ class FreeMatch(FixMatch):
     (``freematch_cifar10_40_0.yaml``; the argument's default is 0.01).
     """
 
+    keeps_own_masker = True
+
     @rules(lambda_e=NON_NEGATIVE, ema_p=DECAY)
     @dataclass
     class Config(TargetConfig):
