@@ -291,7 +291,8 @@ class GenerativeMethod(DataFreeMethod):
 
 
 # ------------------------------------------------------------------------------------------------ pool
-@rules(g_steps=COUNT, kd_steps=COUNT, pool_size=COUNT, lr_z=NON_NEGATIVE, warmup_rounds=NON_NEGATIVE)
+@rules(g_steps=COUNT, kd_steps=COUNT, lr_z=NON_NEGATIVE, warmup_rounds=NON_NEGATIVE,
+       pool_size=COUNT.because("the student draws every batch from the pool of synthetic images"))
 @dataclass
 class InversionConfig(DataFreeConfig):
     """Rounds of ``g_steps`` synthesis steps then ``kd_steps`` student steps. ``pool_size``: images the
