@@ -330,7 +330,10 @@ def test_dfdg_generator_and_student_losses_match_a_recomputation(tmp_path, teach
     with torch.no_grad(), evaluating(m.generator, m.generator2):
         x1, x2 = norm(m.generator(m.z1, m.y1)), norm(m.generator2(m.z2, m.y2))
         t1, t2 = m.teacher(x1), m.teacher(x2)
-    want = kl_loop(m.student(x1), t1, tau) + kl_loop(m.student(x2), t2, tau)  # no tau^2
+    want = kl_loop(m.student(x1), t1, tau) + kl_loop(m.student(x2), t2, tau)
+    assert abs(float(out["loss"].detach()) - tau * tau * want) < 1e-5 * max(1.0, tau * tau * want)
+    m.cfg.tau_squared = False  # the reference's unscaled KL
+    out = m.training_step({}, StepContext(step=4, max_steps=10, phase="student"))
     assert abs(float(out["loss"].detach()) - want) < 1e-5 * max(1.0, want)
 
 
