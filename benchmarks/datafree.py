@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
-from report import mean_std, paired_gain, write_report  # noqa: E402
+from report import mean_std, paired_gain, train_job, write_report  # noqa: E402
 
 ANCHORS = ["dafl", "zskt", "dfad", "dfq", "deepinversion", "cmi", "fast"]
 FOUNDING = ["csd", "cpsc_dfkd", "dfkd_fgvc", "dfdg"]
@@ -156,19 +156,7 @@ def _worker_init() -> None:
 
 
 def _train_one(job: tuple[Path, Path, list[str]]) -> str:
-    from mentor.config import load_config
-    from mentor.engine import train
-    from mentor.errors import MentorError
-
-    d, recipe, args = job
-    d.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    try:
-        train(load_config(recipe, args))
-        status = "ok"
-    except (MentorError, RuntimeError, ValueError) as e:
-        status = f"FAILED: {type(e).__name__}: {str(e)[-400:]}"
-    return f"{d}: {time.time() - t0:.0f}s {status}"
+    return train_job(*job)
 
 
 def execute(jobs: list[tuple[Path, Path, list[str]]], workers: int) -> None:

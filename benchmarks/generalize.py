@@ -35,7 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
-from report import mean_std, paired_gain, write_report  # noqa: E402
+from report import mean_std, paired_gain, train_job, write_report  # noqa: E402
 
 from mentor.generalize.selection import leave_one_domain_out, oracle, read_run  # noqa: E402
 
@@ -158,19 +158,8 @@ def _worker_init() -> None:
 
 
 def _train_one(job: tuple[Path, list[str]]) -> str:
-    from mentor.config import load_config
-    from mentor.engine import train
-    from mentor.errors import MentorError
-
     d, args = job
-    d.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    try:
-        train(load_config(BASE_RECIPE, args))
-        status = "ok"
-    except (MentorError, RuntimeError, ValueError) as e:
-        status = f"FAILED: {type(e).__name__}: {str(e)[-400:]}"
-    return f"{d}: {time.time() - t0:.0f}s {status}"
+    return train_job(d, BASE_RECIPE, args)
 
 
 def _execute(jobs: list[tuple[Path, list[str]]], workers: int) -> None:

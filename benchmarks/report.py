@@ -36,3 +36,23 @@ def write_report(out, text: str, t0: float) -> None:
     (out / "report.md").write_text(text)
     print(text)
     print(f"({(time.time() - t0) / 60:.1f} min)")
+
+
+def train_job(run_dir, recipe, args: list[str]) -> str:
+    """Train one benchmark run (recipe and overrides) into ``run_dir``; one line saying how long it took and
+    whether it finished or failed (a failure is reported, not raised, so the rest of a sweep goes on)."""
+    import time
+    from pathlib import Path
+
+    from mentor.config import load_config
+    from mentor.engine import train
+    from mentor.errors import MentorError
+
+    Path(run_dir).parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    try:
+        train(load_config(recipe, args))
+        status = "ok"
+    except (MentorError, RuntimeError, ValueError) as e:
+        status = f"FAILED: {type(e).__name__}: {str(e)[-400:]}"
+    return f"{run_dir}: {time.time() - t0:.0f}s {status}"
