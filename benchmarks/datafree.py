@@ -204,35 +204,44 @@ def report(out: Path, plan_name: str, seeds: list[int], methods: list[str]) -> s
              f"{', '.join(map(str, seeds))} (paired: the same initial student per seed). `last` is the data-free "
              "number; `best val` picks the step on the real validation split, which a data-free user does not "
              "have. Gains are paired differences of `last` in points (* where |mean| > 2 std). Seconds are per "
-             "run (mean), synthesis and student phases apart.", ""]
+             "run (mean): the synthesis phases (every phase but the student's), the student phase, and the whole "
+             "run's wall time (evaluations included).", ""]
     for recipe, student in plan["pairs"]:
         tname = Path(recipe).stem
         base = out / plan_name / f"{tname}-{student}"
         teacher = _summary(out / "teachers" / tname)
         tacc = f"{100 * teacher['test_acc_last']:.2f}" if teacher else "–"
         lines += [f"**{tname.replace('fmnist_', '')} (teacher, {tacc}) → {student}**", "",
-                  "| method | kind | test acc last | test acc best val | gain vs DeepInv | gain vs CMI | gain vs Fast "
-                  "| synthesis s | student s | images | published (as published) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| method | kind | seeds | test acc last | test acc best val | gain vs DeepInv | gain vs CMI "
+                  "| gain vs Fast | synthesis s | student s | wall s | images | published (as published) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
-        base_acc = {b: [s["test_acc_last"] for s in (_summary(base / b / f"seed{seed}") for seed in seeds) if s]
-                    for b in CLAIM_BASELINES}
+        def by_seed(name: str, base: Path = base) -> dict[int, dict]:
+            return {seed: s for seed in seeds if (s := _summary(base / name / f"seed{seed}"))}
+
+        baselines = {b: by_seed(b) for b in CLAIM_BASELINES}
         for name in [*methods, "kd_real", "alone_real"]:
-            runs = [s for s in (_summary(base / name / f"seed{seed}") for seed in seeds) if s]
-            if not runs:
+            got = by_seed(name)
+            if not got:
                 continue
+            runs = list(got.values())
             last, best = [s["test_acc_last"] for s in runs], [s["test_acc_best"] for s in runs]
-            gains = [paired_gain(last, base_acc[b]) if name in METHODS and len(base_acc[b]) == len(last)
-                     and name != b else "" for b in CLAIM_BASELINES]
+            gains = []
+            for b in CLAIM_BASELINES:
+                common = [seed for seed in got if seed in baselines[b]]
+                ok = name in METHODS and name != b and len(common) > 1
+                gains.append(paired_gain([got[k]["test_acc_last"] for k in common],
+                                         [baselines[b][k]["test_acc_last"] for k in common]) if ok else "")
             ph = [s.get("phase_seconds", {}) for s in runs]
             synth = sum(sum(v for k, v in p.items() if k != "student") for p in ph) / len(runs)
             stud = sum(p.get("student", 0.0) for p in ph) / len(runs)
+            wall = sum(s.get("wall_s", 0.0) for s in runs) / len(runs)
             images = int(sum(s.get("images_synthesised", 0) for s in runs) / len(runs))
             kind = "founding" if name in FOUNDING else "anchor" if name in ANCHORS else "real data"
             label = {"kd_real": "KD with real data (ceiling)", "alone_real": "student alone, real data"}.get(name, name)
-            lines.append(f"| {label} | {kind} | {mean_std(last)} | {mean_std(best)} | {' | '.join(gains)} | "
-                         f"{synth:.0f} | {stud:.0f} | {images if name in METHODS else '–'} | "
-                         f"{PUBLISHED.get(name, '')} |")
+            cost = f"{synth:.0f} | {stud:.0f}" if name in METHODS else "– | –"
+            lines.append(f"| {label} | {kind} | {len(runs)} | {mean_std(last)} | {mean_std(best)} | "
+                         f"{' | '.join(gains)} | {cost} | {wall:.0f} | {images if name in METHODS else '–'} | {PUBLISHED.get(name, '')} |")
         lines.append("")
     return "\n".join(lines)
 

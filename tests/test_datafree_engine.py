@@ -205,3 +205,18 @@ def test_steps_for_gives_the_student_the_asked_number_of_steps(tmp_path, digits_
         got = sum(student.due(s) for s in range(steps))
         assert want <= got < want + student.span, (got, want)
         assert sum(student.due(s) for s in range(steps - student.every)) < want  # no whole period to spare
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,extra", [
+    ("dfad", ["method.g_steps=1", "method.s_steps=5"]),
+    ("fast", ["method.g_steps=5", "method.kd_steps=20", "method.warmup_rounds=1", "method.reset_l0=0"]),
+])
+def test_a_student_learns_the_digits_without_seeing_one(tmp_path, digits_teacher, method, extra):
+    # 400 student steps of 64 synthetic images; the student never sees a real digit, the real test split
+    # is read only to report (chance is 10%)
+    cfg = df_cfg(tmp_path, method, method, digits_teacher, "method.batch_size=64", "method.nz=64",
+                 "method.ngf=32", "optim.lr=0.1", "trainer.eval_every=1000", "trainer.ckpt_every=1000", *extra)
+    cfg.trainer.max_steps = METHODS.get(method).steps_for(cfg.method, 400)
+    s = train(cfg)
+    assert s["test_acc_last"] > 0.4, s["test_acc_last"]
