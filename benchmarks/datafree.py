@@ -241,7 +241,8 @@ def report(out: Path, plan_name: str, seeds: list[int], methods: list[str]) -> s
             label = {"kd_real": "KD with real data (ceiling)", "alone_real": "student alone, real data"}.get(name, name)
             cost = f"{synth:.0f} | {stud:.0f}" if name in METHODS else "– | –"
             lines.append(f"| {label} | {kind} | {len(runs)} | {mean_std(last)} | {mean_std(best)} | "
-                         f"{' | '.join(gains)} | {cost} | {wall:.0f} | {images if name in METHODS else '–'} | {PUBLISHED.get(name, '')} |")
+                         f"{' | '.join(gains)} | {cost} | {wall:.0f} | {images if name in METHODS else '–'} | "
+                         f"{PUBLISHED.get(name, '')} |")
         lines.append("")
     return "\n".join(lines)
 
