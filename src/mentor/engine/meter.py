@@ -92,10 +92,12 @@ class PhaseClock:
 
     On the CPU each phase is timed with the host clock. On a GPU the work is asynchronous, so a pair of
     CUDA events brackets each phase and the elapsed times are read only when :meth:`seconds` is called
-    (after the engine's periodic synchronisation), never per step. Steps replayed from a CUDA graph are
-    not timed (their phases run as one launch)."""
+    (after the engine's periodic synchronisation), never per step. The engine enables it only for a method
+    with several phases and without a captured step (a graph's phases run as one launch, and no event may be
+    recorded while it is captured)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.enabled = enabled
         self.cuda = device.type == "cuda"
         self.total: dict[str, float] = {}
         self._open: dict[str, Any] = {}
@@ -104,6 +106,8 @@ class PhaseClock:
     def start(self, phase: str) -> None:
         import time
 
+        if not self.enabled:
+            return
         if self.cuda:
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()

@@ -222,7 +222,7 @@ class Trainer:
         self.train_seconds, self.train_images = 0.0, 0
         self.saved_step: int | None = None  # the step of last.pt on disk (written or resumed from)
         self.meter = Meter(self.dist, prefix_phases=len(self.phases) > 1)
-        self.clock = PhaseClock(self.device)
+        self.clock = PhaseClock(self.device, enabled=len(self.phases) > 1 and not t.cuda_graph)
         self._checked: set[str] = set()
 
     # -- set-up helpers --------------------------------------------------------------------------
@@ -629,7 +629,7 @@ class Trainer:
         # over every session of the run (a resume that trains nothing reports the earlier sessions' rate)
         out["train_img_s"] = self.train_images / self.train_seconds if self.train_seconds > 0 else None
         out.update(self.method.report())
-        if len(self.phases) > 1:  # seconds in each optimizer phase (steps replayed from a CUDA graph excepted)
+        if self.clock.enabled:  # seconds in each optimizer phase
             out["phase_seconds"] = {k: round(v, 3) for k, v in self.clock.seconds().items()}
         out["device"] = hardware_name(self.device)
         out["threads"] = torch.get_num_threads()
