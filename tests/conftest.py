@@ -8,6 +8,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _datafree import digits_teacher  # noqa: E402, F401  (one session teacher for every data-free test module)
 
 # One intra-op thread by default: the tests' networks and batches are small, and on a shared 2-core
 # machine a second thread costs more in waiting than it gains. MENTOR_TEST_THREADS=2 on an idle machine.

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _datafree import df_cfg, digits_teacher  # noqa: F401  (session fixture)
+from _datafree import df_cfg
 from _helpers import resumes_bitwise  # noqa: F401  (registers test_bncnn)
 from torch import nn
 
@@ -27,7 +27,7 @@ pytest.importorskip("sklearn")
 
 
 @pytest.fixture
-def teacher(digits_teacher):  # noqa: F811  (the session fixture imported above)
+def teacher(digits_teacher):  # the session fixture of tests/conftest.py
     return digits_teacher
 
 CPSC = ["method.g_steps=2", "method.s_steps=1"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import _datafree
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,7 +24,6 @@ from mentor.errors import TeacherError
 from mentor.methods import METHODS, Phase, register_method
 
 pytest.importorskip("sklearn")
-digits_teacher = _datafree.digits_teacher  # the session fixture of a small BN teacher on the digits
 
 
 # ---------------------------------------------------------------------------------------------- phases

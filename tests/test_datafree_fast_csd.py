@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from _datafree import df_cfg, digits_teacher  # noqa: F401  (session fixture)
+from _datafree import df_cfg
 from _helpers import resumes_bitwise
 
 from mentor.datafree.csd import AlignHead, RotationHead, rotations
@@ -22,7 +22,7 @@ pytest.importorskip("sklearn")
 
 
 @pytest.fixture
-def teacher(digits_teacher):  # noqa: F811  (the session fixture imported above)
+def teacher(digits_teacher):  # the session fixture of tests/conftest.py
     return digits_teacher
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _datafree import df_cfg, digits_teacher  # noqa: F401  (session fixture)
+from _datafree import df_cfg
 from _helpers import resumes_bitwise
 from _nosync import NoHostSync
 
@@ -140,7 +140,7 @@ def test_sfcl_matches_a_loop_over_teacher_anchors():
 
 # --------------------------------------------------------------------------------- the method
 @pytest.fixture
-def teacher(digits_teacher):  # noqa: F811  (the session fixture imported above)
+def teacher(digits_teacher):  # the session fixture of tests/conftest.py
     return digits_teacher
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 
-import _datafree
 import numpy as np
 import pytest
 import torch
@@ -31,7 +30,6 @@ from mentor.nn.bnstats import BNStatistics, BNStatisticsError
 
 pytest.importorskip("sklearn")
 
-digits_teacher = _datafree.digits_teacher  # the session fixture of a small BN teacher on the digits
 
 
 def _f(x: torch.Tensor) -> float:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 
-import _datafree
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,7 +20,6 @@ from mentor.methods import StepContext
 from mentor.nn.norm import bn_layers
 
 pytest.importorskip("sklearn")
-digits_teacher = _datafree.digits_teacher  # the session fixture of a small BN teacher on the digits
 
 ROUND = ["method.g_steps=3", "method.kd_steps=2"]
 SMALL_BANK = ["method.bank_size=64", "method.n_neg=16"]
