@@ -15,12 +15,13 @@ from _helpers import resumes_bitwise  # noqa: F401  (registers test_bncnn)
 from torch import nn
 
 from mentor.config import ConfigError
-from mentor.datafree.cpsc import ikd_generator, ikd_student, sup_con
+from mentor.datafree.cpsc import ikd_generator, ikd_student
 from mentor.datafree.dfdg import ACGenerator, cross_divergence, diversity_loss, transfer_kl
 from mentor.datafree.generators import ConditionalBatchNorm2d
 from mentor.engine import Trainer
 from mentor.engine.trainer import train
 from mentor.methods import StepContext
+from mentor.nn.contrast import sup_con
 from mentor.nn.norm import evaluating
 
 pytest.importorskip("sklearn")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from _datafree import df_cfg
 from _helpers import resumes_bitwise
 
-from mentor.datafree.cmi import info_nce, resized_crop, resized_crop_params
+from mentor.datafree.cmi import info_nce
 from mentor.engine import Trainer
 from mentor.engine.trainer import train
 from mentor.methods import StepContext
@@ -125,37 +125,6 @@ def test_deepinversion_loss_matches_an_independent_recomputation(tmp_path, digit
     assert float(out["js"].detach()) == pytest.approx(float(js), rel=1e-4, abs=1e-7)
     want = 1.0 * ce + 10.0 * bn + 0.01 * tv + 0.003 * norm - 2.0 * js
     assert float(out["loss"].detach()) == pytest.approx(float(want), rel=1e-5)
-
-
-# ------------------------------------------------------------------------------------------- local view
-def test_resized_crop_identity_flip_and_scale_bounds():
-    x = torch.rand(3, 2, 7, 9)
-    eye = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(3, 2, 3)
-    assert torch.allclose(resized_crop(x, eye), x, atol=1e-6)
-    flip = torch.tensor([[-1.0, 0, 0], [0, 1.0, 0]]).expand(3, 2, 3)
-    assert torch.allclose(resized_crop(x, flip), x.flip(-1), atol=1e-6)
-
-    torch.manual_seed(0)
-    h, w = 8, 12
-    theta = resized_crop_params(4000, h, w, (0.25, 1.0), (3 / 4, 4 / 3), flip=True)
-    wf, hf, cx, cy = theta[:, 0, 0].abs(), theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2]
-    area = wf * hf
-    assert float(area.min()) >= 0.25 - 1e-6 and float(area.max()) <= 1 + 1e-6
-    aspect = (wf * w) / (hf * h)  # in pixels
-    assert float(aspect.min()) >= 3 / 4 - 1e-5 and float(aspect.max()) <= 4 / 3 + 1e-5
-    assert bool(((cx.abs() + wf) <= 1 + 1e-6).all()) and bool(((cy.abs() + hf) <= 1 + 1e-6).all())  # inside
-    assert 0.4 < float((theta[:, 0, 0] < 0).float().mean()) < 0.6  # flipped half the time
-    assert float(area.min()) < 0.3 and float(area.max()) > 0.85  # the range is used (8x12 allows 8/9 at most)
-    square = resized_crop_params(4000, 8, 8)
-    assert float((square[:, 0, 0].abs() * square[:, 1, 1]).max()) > 0.97
-    # a wide image whose draws never fit falls back to torchvision's centred window of the widest ratio
-    wide = resized_crop_params(20, 4, 40, (0.9, 1.0), flip=False)
-    assert torch.allclose(wide[:, 0, 0], torch.full((20,), 4 * (4 / 3) / 40)) and bool((wide[:, :, 2] == 0).all())
-    assert torch.allclose(wide[:, 1, 1], torch.ones(20))
-    # no flip when asked for none; a crop of a constant image is that constant
-    assert bool((resized_crop_params(50, h, w, flip=False)[:, 0, 0] > 0).all())
-    ones = torch.ones(4, 1, h, w)
-    assert torch.allclose(resized_crop(ones, theta[:4]), ones)
 
 
 # ------------------------------------------------------------------------------------------------ CMI

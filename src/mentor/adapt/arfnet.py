@@ -16,9 +16,10 @@ from ..errors import ConfigError
 from ..methods import Inputs, Refresh, StepContext, register_method
 from ..models import FeatureTap, PenultimateTap, prepool_names
 from ..nn import kl_div, resize_to, step_generator
+from ..nn.contrast import sup_con
+from ..nn.crops import resized_crops
 from ..nn.pseudo import centroid_pseudo_labels, im_terms
 from .shot import SHOT
-from .views import resized_crops
 
 
 # ------------------------------------------------------------------------------------------- the losses
@@ -35,14 +36,9 @@ def global_local_contrast(global_features: Tensor, local_features: Tensor, tempe
     if global_features.shape != local_features.shape:
         raise ValueError(f"the two views' features differ in shape: {tuple(global_features.shape)} and "
                          f"{tuple(local_features.shape)}")
-    b = global_features.shape[0]
-    z = F.normalize(torch.cat([global_features, local_features]).float().flatten(1), dim=1)
-    n = z.shape[0]
-    eye = torch.eye(n, dtype=torch.bool, device=z.device)
-    sim = (z @ z.T / temperature).masked_fill(eye, float("-inf"))
-    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
-    pos = torch.arange(n, device=z.device).add(b).remainder(n)  # the other view of the same image
-    return -(temperature / base_temperature) * log_prob.gather(1, pos[:, None]).mean()
+    views = F.normalize(torch.stack([global_features, local_features], 1).float().flatten(2), dim=2)
+    own = torch.arange(views.shape[0], device=views.device)  # each image its own class: the other view is the positive
+    return (temperature / base_temperature) * sup_con(views, own, temperature)
 
 
 def self_distillation(head_logits: Sequence[Tensor], logits: Tensor) -> Tensor:
@@ -58,7 +54,7 @@ def self_distillation(head_logits: Sequence[Tensor], logits: Tensor) -> Tensor:
 def local_crops(x: Tensor, generator: torch.Generator | None = None, scale: tuple[float, float] = (0.25, 1.0),
                 ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> Tensor:
     """The local view of ARFNet's ``TwoCropTransform``: ``RandomResizedCrop(size, scale=(0.25, 1))`` of every
-    image (:func:`mentor.adapt.views.resized_crops`, no flip)."""
+    image (:func:`mentor.nn.crops.resized_crops`, no flip)."""
     return resized_crops(x, 1, generator, scale, ratio, attempts)
 
 

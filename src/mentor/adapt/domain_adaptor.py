@@ -15,8 +15,8 @@ from ..config import COUNT, DECAY, POSITIVE, PROBABILITY, between, rules
 from ..errors import ConfigError
 from ..methods import MethodConfig, StepContext, register_method
 from ..nn import norm_affine, replace_norm
+from ..nn.crops import resized_crops
 from .base import TestTimeMethod
-from .views import resized_crops
 
 # -- AdaMixBN ------------------------------------------------------------------------------------------
 
@@ -165,7 +165,7 @@ def crop_flip_views(x: Tensor, views: int, generator: torch.Generator | None = N
                     attempts: int = 10) -> Tensor:
     """``views`` random horizontal flips and resized crops of every image of ``x``, sample-major: the
     reference's test-time augmentation (torchvision ``RandomHorizontalFlip`` then
-    ``RandomResizedCrop(size, scale=(0.8, 1))``), by :func:`mentor.adapt.views.resized_crops`."""
+    ``RandomResizedCrop(size, scale=(0.8, 1))``), by :func:`mentor.nn.crops.resized_crops`."""
     return resized_crops(x, views, generator, scale, ratio, attempts, flip=True)
 
 

@@ -41,9 +41,8 @@ Design choices and deviations:
 * The head's parameters are a group of the synthesis phase's optimizer, so their Adam moments restart
   with every round (the reference keeps one Adam for the head across rounds); the head itself is never
   re-initialised.
-* The local crop is drawn as torchvision's ``RandomResizedCrop`` (10 tries per image in parallel, the
-  first that fits, else the largest centred window), then resampled bilinearly with ``grid_sample`` at sub-pixel
-  offsets rather than integer ones.
+* The local crop is :func:`mentor.nn.crops.resized_crops` (torchvision's ``RandomResizedCrop`` drawn on the
+  device, 10 tries per image in parallel, resampled bilinearly at sub-pixel offsets rather than integer ones).
 * The student is in eval mode during synthesis, as in the reference; the adversarial term is 0 during
   the base's ``warmup_rounds`` (none by default).
 * Bank memory is ``bank_size x 2F x 4`` bytes with ``F`` the summed channels of the teacher's BN
@@ -52,7 +51,6 @@ Design choices and deviations:
 
 from __future__ import annotations
 
-import math
 import weakref
 from dataclasses import dataclass
 
@@ -62,52 +60,11 @@ from torch import Tensor, nn
 
 from ..config import COUNT, DECAY, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, rules
 from ..methods import BuildInfo, StepContext, register_method
+from ..nn.crops import resized_crops
 from ..nn.norm import bn_layers, evaluating
 from .base import InversionConfig, LatentGeneratorMethod
 from .deepinversion import adversarial_weight
 from .losses import masked_adversarial_kl
-
-
-# ------------------------------------------------------------------------------------------ local view
-def resized_crop_params(n: int, height: int, width: int, scale: tuple[float, float] = (0.25, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = True, tries: int = 10,
-                        device: torch.device | str = "cpu") -> Tensor:
-    """``n`` affine maps ``[n, 2, 3]`` (for :func:`torch.nn.functional.affine_grid`) of random resized crops.
-
-    Per image, as torchvision's ``RandomResizedCrop``: an area fraction ``s ~ U(scale)`` and an aspect
-    ratio ``r`` log-uniform in ``ratio`` give a window of ``sqrt(s*r*H*W)`` by ``sqrt(s/r*H*W)`` pixels;
-    the first of ``tries`` draws that fits the image is taken (all tried at once), else torchvision's
-    fallback, the largest centred window of an aspect ratio in ``ratio`` (the whole of a square image).
-    The window's position is uniform over where it fits, and it is flipped horizontally with probability
-    1/2 when ``flip``. In ``affine_grid``'s coordinates the window is ``[cx - wf, cx + wf] x [cy - hf, cy + hf]``
-    with ``wf``, ``hf`` its fractions of the width and height."""
-    s = torch.empty(n, tries, device=device).uniform_(*scale)
-    log_r = torch.empty(n, tries, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
-    r = log_r.exp()
-    wf = (s * r * height / width).sqrt()
-    hf = (s / r * width / height).sqrt()
-    fits = (wf <= 1) & (hf <= 1)
-    first = fits.int().argmax(1, keepdim=True)  # the first draw that fits (0 where none does)
-    found = fits.any(1)
-    # torchvision's fallback: the largest centred window whose aspect ratio lies in ``ratio``
-    aspect = width / height
-    w0 = min(1.0, height * ratio[1] / width) if aspect > ratio[1] else 1.0
-    h0 = min(1.0, width / (ratio[0] * height)) if aspect < ratio[0] else 1.0
-    wf = torch.where(found, wf.gather(1, first).squeeze(1), w0)
-    hf = torch.where(found, hf.gather(1, first).squeeze(1), h0)
-    cx = torch.where(found, (1 - wf) * (2 * torch.rand(n, device=device) - 1), 0.0)
-    cy = torch.where(found, (1 - hf) * (2 * torch.rand(n, device=device) - 1), 0.0)
-    one = torch.ones((), device=device)
-    sign = torch.where(torch.rand(n, device=device) < 0.5, -one, one) if flip else one.expand(n)
-    zero = torch.zeros(n, device=device)
-    return torch.stack([torch.stack([sign * wf, zero, cx], 1), torch.stack([zero, hf, cy], 1)], 1)
-
-
-def resized_crop(x: Tensor, theta: Tensor) -> Tensor:
-    """The windows ``theta`` (from :func:`resized_crop_params`) of the images ``x``, resampled bilinearly to
-    the images' size; the identity map gives the images back."""
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 # ------------------------------------------------------------------------------------------------ head
@@ -218,10 +175,7 @@ class CMI(LatentGeneratorMethod):
     def local_view(self, x01: Tensor) -> Tensor:
         """The local view of images in [0, 1]: a random resized crop (scale ``[local_scale, 1]``) and flip,
         normalised."""
-        _, _, h, w = x01.shape
-        theta = resized_crop_params(x01.shape[0], h, w, (self.cfg.local_scale, 1.0), flip=self.cfg.flip,
-                                    device=x01.device)
-        return self.normalize(resized_crop(x01, theta))
+        return self.normalize(resized_crops(x01, 1, None, (self.cfg.local_scale, 1.0), flip=self.cfg.flip))
 
     # -- memory bank -------------------------------------------------------------------------------
     def bank_negatives(self) -> tuple[Tensor, Tensor, Tensor]:

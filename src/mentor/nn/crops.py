@@ -1,5 +1,6 @@
 """Geometric views of a batch drawn on its device: the random resized crops (with optional flips) that
-test-time and source-free methods take of images already normalised."""
+test-time and source-free methods take of images already normalised, and data-free methods (CMI's local
+view) of synthetic images."""
 
 from __future__ import annotations
 
