@@ -23,8 +23,9 @@ teacher's logits, ``s`` the student's, ``tau`` the temperature, a generator's lo
 The student minimises ``tau^2 * KL(p_T^tau || p_S^tau)`` on ``G1``'s images plus the same on ``G2``'s (batch
 means). The reference leaves out the ``tau^2`` factor (``tau_squared: false``): its server model is trained
 for a round of a federated run at a small rate, whereas here the student starts from scratch like every
-other data-free student, and at ``tau`` 10 the unscaled KL's gradient is a hundredth of the usual one (the
-student stayed at chance over 500 steps on Fashion-MNIST). The recipe gives it the family's student SGD.
+other data-free student, and at ``tau`` 10 the unscaled KL's gradient is a hundredth of the usual one. The
+recipe gives it the family's student SGD. (On the CPU benchmark's short budget the student stays near chance
+either way: docs/BENCHMARKS.md.)
 
 Defaults are the README's command (``--batch_size 64 --I_g 20 --I_d 2 --eta_g 2e-4 --b1 0.5 --b2 0.999
 --beta_tran 1 --beta_div 1 --beta_cd 1 --latent_dim 100 --noise_label_combine mul --tran_strategy 1
