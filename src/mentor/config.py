@@ -152,14 +152,15 @@ def check_values(obj: Any, prefix: str = "") -> None:
 # the run's dataclasses
 
 
-@rules(name=NON_EMPTY, init_from=(NON_EMPTY, PATH))
+@rules(name=NON_EMPTY, init_from=(NON_EMPTY, PATH), weights=(NON_EMPTY, PATH))
 @dataclass
 class ModelConfig:
-    """Which zoo model to build (any name from ``mentor list models``) and extra constructor kwargs."""
+    """Which model to build (any name from ``mentor list models``) and extra constructor kwargs."""
 
     name: str = "resnet20"
     kwargs: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None  # a run directory or checkpoint whose network starts this one
+    weights: str | None = None  # a local weights file (safetensors or torch state dict) loaded into the network
 
 
 @rules(name=NON_EMPTY, root=(NON_EMPTY, PATH), test_root=(NON_EMPTY, PATH), augment=NON_EMPTY, val_size=NON_NEGATIVE,
@@ -280,7 +281,7 @@ class TrainerConfig:
     log_every: int = 50
     seed: int = 0
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: bool = False
     compile: bool = False
     cuda_graph: bool = False  # capture the whole step once and replay it (CUDA; see engine.graph)
@@ -289,6 +290,7 @@ class TrainerConfig:
     ema: float | None = None
     threads: int | None = None
     progress: bool = True
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl, csv, tensorboard, wandb
     sync_bn: bool = False  # several processes: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
