@@ -705,7 +705,13 @@ def _check_model(m: ModelConfig) -> None:
 
 
 def _check_machine(t: TrainerConfig) -> None:
-    """CUDA asked for (``trainer.device``, ``trainer.cuda_graph``) where this machine has none."""
+    """CUDA asked for (``trainer.device``, ``trainer.cuda_graph``) where this machine has none; fp16 (whose
+    gradient scaler reads a value back every step) in a captured step."""
+    if t.precision == "fp16" and t.cuda_graph:
+        raise ConfigError("trainer.precision=fp16 scales the loss with a gradient scaler, which reads a value back "
+                          "to the host every step and so cannot run inside a captured step: use "
+                          "trainer.precision=bf16 (or fp32) with trainer.cuda_graph=true, or set "
+                          "trainer.cuda_graph=false")
     if not (t.device.startswith("cuda") or t.cuda_graph):
         return
     import torch

@@ -26,6 +26,7 @@ import yaml
 from ..config import RunConfig, dump_config, to_dict
 from ..errors import CheckpointMismatchError, RunDirError
 from ..fileio import atomic_write_text, remove_stale_temporaries
+from ..provenance import header_comment
 from .logger import log
 
 LOCK = "run.lock"
@@ -209,4 +210,4 @@ class RunDir:
         """A fresh start: remove a previous run's files, record the recipe."""
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
-        atomic_write_text(self.path / "config.yaml", dump_config(cfg))
+        atomic_write_text(self.path / "config.yaml", header_comment() + dump_config(cfg))

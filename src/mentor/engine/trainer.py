@@ -30,6 +30,7 @@ from ..methods import METHODS, BuildInfo, Method, StepContext
 from ..methods.base import Refresh
 from ..models import create_model, strip_taps
 from ..nn.norm import bn_layers
+from ..provenance import provenance
 from . import checkpoint as ckpt
 from .contract import check_step_output
 from .distributed import Dist, barrier, init_distributed, shutdown
@@ -65,15 +66,26 @@ def hardware_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """``auto``: bf16 on a CUDA device that supports it, fp16 (with a gradient scaler) on one that does not,
+    fp32 on the CPU. An explicit choice is kept."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
 def autocast_for(device: torch.device, precision: str, cache: bool = True):
-    """A context factory: bf16 autocast on CUDA by default, fp32 elsewhere unless asked.
+    """A context factory: autocast to the run's half type (bf16 or fp16), or nothing for fp32.
 
     ``cache=False`` for a step captured in a CUDA graph (autocast's weight-cast cache must not
     outlive the capture)."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if not use_bf16:
+    precision = resolve_precision(device, precision)
+    if precision == "fp32":
         return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype, cache_enabled=cache)
 
 
 def build_info(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> BuildInfo:
@@ -147,7 +159,15 @@ class Trainer:
             torch.set_num_threads(t.threads)
         self.dist = init_distributed("cuda" if resolve_device(t.device).type == "cuda" else "cpu")
         self.device = resolve_device(t.device, self.dist)
-        self.autocast = autocast_for(self.device, t.precision, cache=not t.cuda_graph)
+        self.precision = resolve_precision(self.device, t.precision)
+        if self.precision == "fp16" and t.cuda_graph:  # precision=auto on a GPU without bf16
+            raise ConfigError(f"trainer.precision=auto means fp16 on {hardware_name(self.device)} (no bf16), and "
+                              "fp16's gradient scaler cannot run in a captured step: set trainer.precision=fp32 "
+                              "or trainer.cuda_graph=false")
+        self.autocast = autocast_for(self.device, self.precision, cache=not t.cuda_graph)
+        # fp16 overflows where bf16 does not: its gradients are scaled up and every step that produced an
+        # inf/NaN gradient is skipped (the scale halves), as torch.amp prescribes.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         if cfg.out_dir is None:
             cfg.out_dir = default_out_dir(None)
         self.run_dir = Path(cfg.out_dir)
@@ -250,6 +270,7 @@ class Trainer:
             "optimizers": [o.state_dict() for o in self.optimizers],
             "schedulers": [s.state_dict() for s in self.schedulers],
             "ema": self.ema.state_dict() if self.ema else None,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": ckpt.rng_state(),
             "meter": self.meter.state_dict(),
             "best": dict(self.best),
@@ -302,6 +323,8 @@ class Trainer:
             sch.load_state_dict(s)
         if self.ema is not None and state["ema"] is not None:
             ckpt.load_weights(self.ema, state["ema"], path, "the EMA copy")
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.meter.load_state_dict(state["meter"])
         self.best = state["best"]
@@ -474,12 +497,21 @@ class Trainer:
                     if phase.name not in self._checked:
                         check_step_output(self.cfg.method.name, phase.name, out)
                         self._checked.add(phase.name)
-                    (out["loss"] / t.accumulate).backward()
-            if t.clip_grad:
-                torch.nn.utils.clip_grad_norm_(phase.all_params(), t.clip_grad, foreach=True)
-            opt.step()
+                    loss = out["loss"] / t.accumulate
+                    (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            if self.scaler is not None:
+                if t.clip_grad:
+                    self.scaler.unscale_(opt)  # clip the true gradients, not the scaled ones
+                    torch.nn.utils.clip_grad_norm_(phase.all_params(), t.clip_grad, foreach=True)
+                self.scaler.step(opt)  # skipped when a gradient is inf/NaN
+            else:
+                if t.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(phase.all_params(), t.clip_grad, foreach=True)
+                opt.step()
             self.clock.stop(phase.name)
             self.meter.add(phase.name, {**out, **ctx.diagnostics}, step)
+        if self.scaler is not None:
+            self.scaler.update()  # once per step, after every phase's optimizer
         self.method.after_step(ctx)
         if self.ema is not None:
             self.ema.update(self.method.deployable())
@@ -633,7 +665,7 @@ class Trainer:
             out["phase_seconds"] = {k: round(v, 3) for k, v in self.clock.seconds().items()}
         out["device"] = hardware_name(self.device)
         out["threads"] = torch.get_num_threads()
-        out["torch"] = str(torch.__version__)
+        out.update(provenance())
         out["world_size"] = self.dist.world_size
         if self.is_main:
             m = self.metric
