@@ -6,7 +6,7 @@ teacher's dataset are read for reporting only (``val_acc`` picks ``best.pt`` as 
 ``test_acc_best`` is a number chosen with real labelled data; ``test_acc_last`` is the data-free one).
 
 Synthesis and learning are two phases of the engine with their own optimizers, in the ratio of steps a
-recipe sets. Two loop families exist (``../shared/research/datafree.md`` section 3.2):
+recipe sets. Two loop families exist in the literature's code:
 
 * :class:`GenerativeMethod` (DAFL, ZSKT, DFAD, DFQ, CPSC-DFKD, DFKD-FGVC, DFDG): an online generator.
   Every iteration is ``g_steps`` generator steps, then ``s_steps`` student steps on fresh ``G(z)``.

@@ -1,7 +1,7 @@
 """DFKD-FGVC: Shao, Zhang, Yin and Wang, "Data-free Knowledge Distillation for Fine-grained Visual
 Categorization", ICCV 2023 (arXiv 2404.12037). Status: partial. The repository RoryShao/DFKD-FGVC holds
-no method code, so this module is written from the paper's description alone, as summarised in
-``../shared/research/datafree.md`` section 2.3; where that leaves a detail open it is a choice listed below.
+no method code, so this module is written from the paper's description alone; where that leaves a detail
+open it is a choice listed below.
 
 An online adversarial distillation with three additions:
 
