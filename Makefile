@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   the main job on the embedded Fashion-MNIST data
 #   make test   the test suite
+#   make docs   the API reference (docs/api/, generated offline from the docstrings)
 # Both create .venv when missing and install what they need. On a machine without a CUDA driver the
 # CPU build of torch is installed; override with `make TORCH=torch==X.Y.Z ...`.
 
@@ -12,7 +13,7 @@ TORCH ?= $(shell if nvidia-smi -L >/dev/null 2>&1; then echo torch; else echo to
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow install data lint bench clean
+.PHONY: demo test test-slow install data lint docs bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,9 @@ test-slow: install data
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+
+docs: install
+	PY=$(PY) bash scripts/build-docs.sh
 
 bench: install data
 	$(PY) benchmarks/throughput.py

@@ -9,6 +9,7 @@ Adam: ``d_steps_per_g_step`` discriminator steps, then one step of the network, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any  # noqa: F401  (the inherited Phase fields' annotations, resolved here by doc tools)
 
 import torch
 import torch.nn.functional as F

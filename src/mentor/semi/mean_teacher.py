@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal  # noqa: F401  (the inherited Config fields' annotations, resolved here by doc tools)
 
 import torch
 from torch import Tensor, nn

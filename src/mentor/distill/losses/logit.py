@@ -16,8 +16,6 @@ logit / T exceeds every other one by more than about 980 (never in normal traini
 the masked logits with -1e9, exact in practice.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import torch
