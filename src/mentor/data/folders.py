@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from mentor.data.errors import DataError
 from mentor.data.readers import ArrayDataset
-from mentor.registry import suggest
+from mentor.registry import Registry, suggest
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 EMPTY_CLASSES = ("error", "skip")  # what to do with a class folder holding no image file
@@ -265,6 +265,13 @@ class ImageFolder(ImageFiles):
             raise DataError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}) in its class "
                             f"folders {classes[:5]}")
         super().__init__(root, samples, classes, size, mode)
+
+
+#: Datasets a recipe reads from a user's folder tree (``data.name``, with ``data.root``), sized by the recipe's
+#: ``data.image_size`` and ``data.channels``, beside the named datasets (``DATASETS``) and domain sets
+#: (``DOMAIN_SETS``): ``image_folder`` reads ``root/train/<class>/*`` and ``root/test/<class>/*``.
+FOLDER_DATASETS: Registry[type[ImageFiles]] = Registry("image-folder dataset")
+FOLDER_DATASETS.register("image_folder")(ImageFolder)
 
 
 class ImageList(ImageFiles):

@@ -137,10 +137,15 @@ class Source:
     def how_to_get(self) -> list[str]:
         ways = [f"sudo apt-get install {self.apt_package}"] if self.apt_package else []
         if self.downloads:
-            ways.append(f"{FETCH_HINT.format(name=self.name)}   (then pass root=DIR or set ${ENV_VAR}=DIR)")
+            ways.append(f"{FETCH_HINT.format(name=self.name)}   (then set data.root=DIR in the recipe, or "
+                        f"${ENV_VAR}=DIR)")
         ways.append(f"copy the files into one of the folders above, or set ${ENV_VAR} to a folder "
                     f"holding them (or a {self.name}/ sub-folder with them)")
         return ways
+
+    def available(self, root: str | Path | None = None) -> bool:
+        """Whether every split is found (``mentor data info`` exits non-zero otherwise)."""
+        return all(self.locate(split, root)[1] is not None for split in SPLITS)
 
     def not_found(self, split: str, notes: list[str]) -> DataError:
         lines = [f"{self.name} ({split} split) not found: looked for {self.wanted(split)} in"]
@@ -303,6 +308,13 @@ class DigitsSource(Source):
 
     def wanted(self, split: str) -> str:
         return "scikit-learn's bundled copy"
+
+    def available(self, root: str | Path | None = None) -> bool:
+        try:
+            import sklearn  # noqa: F401
+        except ImportError:
+            return False
+        return True
 
     def load(self, split: str, root: str | Path | None = None) -> ArrayDataset:
         _check_split(split)

@@ -19,7 +19,8 @@ from .teacher import load_teacher
 @rules(ce_weight=NON_NEGATIVE, teacher=PATH)
 @dataclass
 class DistillConfig(MethodConfig):
-    """``teacher``: the run directory (or checkpoint) of a `mentor train` run."""
+    """``teacher``: the run directory (or checkpoint) of a `mentor train` run, or a network and its local weights,
+    MODEL@WEIGHTS (:mod:`mentor.engine.teacher`)."""
 
     teacher: str = ""
     ce_weight: float = 1.0
@@ -28,7 +29,8 @@ class DistillConfig(MethodConfig):
 @rules(ce_weight=NON_NEGATIVE, teachers=each(PATH))
 @dataclass
 class MultiTeacherConfig(MethodConfig):
-    """``teachers``: run directories (or checkpoints) of several `mentor train` runs."""
+    """``teachers``: run directories (or checkpoints) of several `mentor train` runs, or networks with their local
+    weights, MODEL@WEIGHTS (:mod:`mentor.engine.teacher`)."""
 
     teachers: list[str] = field(default_factory=list)
     ce_weight: float = 1.0

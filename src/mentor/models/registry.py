@@ -13,6 +13,8 @@ from torch import nn
 
 from mentor.registry import Registry
 
+from .ecosystem import create_external, is_external
+
 # Models registered by a family's package are found without importing it first.
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model", lazy={"edm_unet": "mentor.diffusion.unet"})
 
@@ -26,11 +28,16 @@ def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[.
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, **kw: Any) -> nn.Module:
-    """Build the zoo model ``name`` for ``num_classes`` classes and ``in_channels``-channel images.
+    """Build the model ``name`` for ``num_classes`` classes and ``in_channels``-channel images.
 
+    ``name`` is a zoo name, or a network from outside the zoo (:mod:`mentor.models.ecosystem`):
+    ``timm:<name>``, ``torchvision:<name>`` (never with downloaded weights) or ``path/to/file.py:build_fn``.
     Extra keyword arguments go to the model (e.g. ``width_mult`` for ``mobilenetv2``). An unknown
-    name raises ``KeyError`` with the closest registered names.
+    zoo name raises ``KeyError`` with the closest registered names; an external one that cannot be built
+    raises :class:`~mentor.models.ecosystem.ModelSpecError`.
     """
+    if is_external(name):
+        return create_external(name, num_classes, in_channels, **kw)
     return MODELS.create(name, num_classes=num_classes, in_channels=in_channels, **kw)
 
 

@@ -3,7 +3,9 @@
 Every zoo network (:class:`mentor.models.StagedNet`) names its feature stages ``stem``, ``layer1`` ..
 ``layerK`` in ``stage_names``, may apply a ``head`` (the 1x1 conv of MobileNetV2/ShuffleNet) before
 pooling, and ends with ``pool`` and ``fc``. Any other module that follows the same naming works with
-the methods that use these helpers; one that does not is refused with :class:`StageError`.
+the methods that use these helpers; one that does not is refused with :class:`StageError`. Networks from
+outside the zoo (``timm:``, ``torchvision:``, ``file.py:fn``) get ``stage_names`` found from their module
+tree when a run builds them (:mod:`mentor.models.discover`); a stage may then be a dotted path.
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ class StageError(ConfigError, TypeError):
 
 
 def _has(model: nn.Module, name: str) -> bool:
-    return isinstance(getattr(model, name, None), nn.Module)
+    """Whether ``name`` (a child, or a dotted path such as timm's ``stages.0``) is a sub-module."""
+    try:
+        return isinstance(model.get_submodule(name), nn.Module)
+    except AttributeError:
+        return False
 
 
 def stage_names(model: nn.Module, role: str = "network", parts: Sequence[str] = ()) -> tuple[str, ...]:
