@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +158,21 @@ class EDM(Method):
                 total += loss.double().sum()
         both = ev.total(torch.stack([total, count]))
         return {"loss": (both[0] / (both[1] * len(sigmas))).item()}
+
+    def warnings(self, max_steps: int, ema: float | None) -> list[str]:
+        """EDM has no EMA of its own: it samples from (and selects ``best.pt`` on) the engine's EMA copy
+        (``trainer.ema``). That copy starts from the random initial weights, which weigh ``ema**max_steps`` in
+        it at the end; above 10% (a run shorter than ~2.3 EMA horizons) its samples are mostly noise, so this
+        replaces the engine's milder check (horizon longer than the run)."""
+        out = super().warnings(max_steps, None)
+        if ema is None or ema**max_steps <= 0.1:
+            return out
+        steps = math.ceil(math.log(0.1) / math.log(ema))
+        return [*out, f"method edm samples from the EMA copy of the denoiser (mentor sample; best.pt is selected on "
+                      f"loss_ema), and after trainer.max_steps={max_steps:,} steps with trainer.ema={ema} the random "
+                      f"initial weights still make up {ema**max_steps:.0%} of it: its samples will be mostly noise. "
+                      f"Train more than {steps:,} steps, or lower trainer.ema below "
+                      f"{0.1 ** (1 / max_steps):.4g} (or set it to null and sample the trained weights)"]
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
