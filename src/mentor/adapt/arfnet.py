@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -246,6 +246,16 @@ class ARFNet(SHOT):
 
     def deployable(self) -> nn.Module:
         return self._net if self.cfg.fusion else self.student
+
+    def deployable_spec(self) -> dict[str, Any] | None:
+        """The fused network: which stages carry a :class:`SpatialFusion`, and whether each sees tokens."""
+        if not self.cfg.fusion:
+            return None
+        return {"kind": self.method_name, "fusion": {n: bool(f.tokens) for n, f in self.fusion.items()}}
+
+    @classmethod
+    def rebuild_deployable(cls, spec: dict[str, Any], student: nn.Module, info: dict[str, Any]) -> nn.Module:
+        return FusedNet(student, nn.ModuleDict({n: SpatialFusion(tokens) for n, tokens in spec["fusion"].items()}))
 
     @torch.no_grad()
     def embed_logits(self, split, refresh: Refresh) -> tuple[Tensor, Tensor]:

@@ -30,8 +30,8 @@ import yaml
 from ..config import ConfigError, RunConfig, build_config, to_dict
 from ..errors import ContractError
 from ..methods import METHODS, BuildInfo, Refresh, StepContext
-from ..models import create_model
 from . import checkpoint as ckpt
+from .deployable import ADAPTED, build_deployable
 from .logger import format_duration, log
 from .optim import build_optimizer
 from .rundir import RunDir
@@ -49,6 +49,7 @@ class AdaptPlan:
     setting: str = "reset"
     root: str | None = None
     options: dict[str, Any] | None = None
+    save_model: bool = False  # write the adapted network, as it stands after the last stream, to adapted.pt
 
 
 def _source(run: str) -> tuple[Path, dict[str, Any]]:
@@ -133,10 +134,11 @@ def adapt(plan: AdaptPlan, cfg: RunConfig) -> dict[str, Any]:
     binfo = BuildInfo(num_classes=info["num_classes"], in_channels=info["in_channels"], image_size=info["image_size"],
                       device=str(device), mean=mean, std=std)
     torch.manual_seed(t.seed)
-    net = create_model(info["model"], num_classes=info["num_classes"], in_channels=info["in_channels"],
-                       **info.get("kwargs", {}))
+    net = build_deployable(info)  # the student, or what its run ships instead (SimKD's reused head, ...)
     init_network(net, plan.run, binfo, info["model"])
     method = METHODS.get(cfg.method.name)(cfg.method, net, binfo).to(device)
+    if plan.save_model:
+        _adapted_state(method, info, cfg.method.name)  # refused before anything is written
     m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
     s = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
@@ -208,9 +210,34 @@ def adapt(plan: AdaptPlan, cfg: RunConfig) -> dict[str, Any]:
                    "wall_s": wall, "img_s": images / wall if wall > 0 else float("nan"),
                    "device": hardware_name(device), "torch": str(torch.__version__)}
         ckpt.atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if plan.save_model:
+            adapted = {"source_run": str(plan.run), "source_checkpoint": str(file), "method": cfg.method.name,
+                       "shift": plan.shift, "setting": plan.setting, "acc_mean": summary["acc_mean"]}
+            ckpt.atomic_save({"model": _adapted_state(method, info, cfg.method.name), "info": dict(info),
+                              "adapted": adapted}, run_dir / ADAPTED)
+            log.info(f"adapted network written to {run_dir / ADAPTED}")
         log.info(f"done in {format_duration(wall)}: mean acc {summary['acc_mean']:.4f}, worst "
                  f"{summary['acc_worst']:.4f} over {len(accs)} streams ({plan.setting})")
         return summary
+
+
+def _adapted_state(method, info: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    """The adapted network's weights as the source run's network holds them: ``--save-model`` needs the same
+    entries and shapes. A method whose own normalisation modules keep BatchNorm's statistics under BatchNorm's
+    names (RoTTA's robust BN) fits, its missing ``num_batches_tracked`` counters taken from the source network;
+    one that changes the layers otherwise cannot be saved."""
+    source = build_deployable(info).state_dict()
+    state = method.deployable().state_dict()
+    counters = {k: v for k, v in source.items() if k.endswith("num_batches_tracked") and k not in state}
+    state = {**state, **counters}
+    expected = {k: tuple(v.shape) for k, v in source.items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        odd = sorted(set(expected.items()) ^ set(got.items()))[:3]
+        raise ConfigError(f"--save-model: method {name} changes the network's layers (entries such as "
+                          f"{', '.join(k for k, _ in odd)} differ from the source network's), so its adapted "
+                          "network would not load into the source run's architecture; leave --save-model out")
+    return state
 
 
 def _per_domain(hit: torch.Tensor, domain: torch.Tensor, n: int) -> torch.Tensor:

@@ -68,7 +68,13 @@ def ema_network(method) -> Any:
 
 def evaluate_run(path: str | Path, device: str = "auto") -> dict[str, Any]:
     """The method's validation and test numbers (accuracy for classifiers) of a run's checkpoint
-    (best.pt by default)."""
+    (best.pt by default), or the accuracy of a file written by ``mentor export`` (its sidecar says the data)."""
+    from .exported import EXPORTED_SUFFIXES, evaluate_exported, read_sidecar
+
+    if Path(path).is_file():
+        meta = read_sidecar(path)
+        if meta is not None or Path(path).suffix in EXPORTED_SUFFIXES:
+            return evaluate_exported(path, meta, device)
     cfg, method, splits, file, step = load_run(path, device)
     dev = resolve_device(device)
     mean, std = stat_tensors(splits.reference, dev)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,16 @@ class BottleneckHead(nn.Module):
     def frozen_classifier(self, b: Tensor) -> Tensor:
         """``C(b)`` with ``C``'s weights detached: a loss through it trains only what produced ``b``."""
         return F.linear(b, self.classifier.weight.detach(), self.classifier.bias.detach())
+
+
+def _swap_head(student: nn.Module, bottleneck_dim: int, num_classes: int) -> None:
+    """Put a :class:`BottleneckHead` in place of the student's linear classifier (in place)."""
+    path = classifier_path(student)
+    old = student.get_submodule(path)
+    ref = next(old.parameters())
+    head = BottleneckHead(old.in_features, bottleneck_dim, num_classes).to(ref.device, ref.dtype)
+    parent, _, attr = path.rpartition(".")
+    setattr(student.get_submodule(parent) if parent else student, attr, head)
 
 
 def projector(in_features: int, out_features: int) -> nn.Linear:
@@ -180,10 +191,7 @@ class DSBF(ERM):
         if not isinstance(width, int):
             raise ConfigError(f"method dsbf replaces the student's linear classifier {path!r} by a bottleneck and a "
                               f"classifier, but it is a {type(old).__name__}; use a zoo network (its `fc` is linear)")
-        ref = next(old.parameters())
-        head = BottleneckHead(width, c.bottleneck_dim, info.num_classes).to(ref.device, ref.dtype)
-        parent, _, attr = path.rpartition(".")
-        setattr(student.get_submodule(parent) if parent else student, attr, head)
+        _swap_head(student, c.bottleneck_dim, info.num_classes)
         pools = max(1, self.num_pools)
         self.projectors = nn.ModuleList(projector(width, c.bottleneck_dim) for _ in range(pools))
         self.attention = DomainAttention(pools, c.bottleneck_dim, divisor=pools + 1)
@@ -275,6 +283,15 @@ class DSBF(ERM):
         return {"loss": loss, "sup": sup.detach(), "debias_ce": ce_u.mean().detach(), "im": im.mean().detach(),
                 "iv": iv.detach(), "cal": cal.detach(), "paired": rows.mean(), "warmup": warm,
                 "train_acc": train_accuracy(z_x, y)}
+
+    def deployable_spec(self) -> dict[str, Any] | None:
+        """The student with its :class:`BottleneckHead` (of ``bottleneck_dim``) in place of the classifier."""
+        return {"kind": self.method_name, "bottleneck_dim": int(self.cfg.bottleneck_dim)}
+
+    @classmethod
+    def rebuild_deployable(cls, spec: dict[str, Any], student: nn.Module, info: dict[str, Any]) -> nn.Module:
+        _swap_head(student, int(spec["bottleneck_dim"]), int(info["num_classes"]))
+        return student
 
 
 __all__ = ["DSBF", "BottleneckHead", "DomainAttention", "grouped_pseudo_labels", "projector"]

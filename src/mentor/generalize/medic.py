@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +76,13 @@ def one_vs_all_head(net: nn.Module) -> OneVsAllHead:
     if not isinstance(head, OneVsAllHead):
         raise TypeError(f"{type(net).__name__} has no one-vs-all head: it is not a MEDIC network")
     return head
+
+
+def _swap_head(student: nn.Module) -> None:
+    """Put a :class:`OneVsAllHead` in place of the student's linear classifier (in place)."""
+    path = classifier_path(student)
+    parent, _, attr = path.rpartition(".")
+    setattr(student.get_submodule(parent) if parent else student, attr, OneVsAllHead(student.get_submodule(path)))
 
 
 def binary_confidence(closed_logits: Tensor, binary_logits: Tensor) -> Tensor:
@@ -148,8 +156,7 @@ class MEDIC(ERM):
             raise ConfigError(f"method medic puts a one-vs-all head beside the student's linear classifier, but "
                               f"{path!r} is a {type(head).__name__}; use a zoo network (its classifier `fc` is "
                               "linear)")
-        parent, _, attr = path.rpartition(".")
-        setattr(student.get_submodule(parent) if parent else student, attr, OneVsAllHead(head))
+        _swap_head(student)
         k = info.num_classes
         self.group_length = (k - 1) // 10 + 1
         self.num_groups = (k - 1) // self.group_length + 1
@@ -213,6 +220,15 @@ class MEDIC(ERM):
                 "train_acc": train_accuracy(z, yd.flatten())}
 
     # -- evaluation ------------------------------------------------------------------------------------------
+    def deployable_spec(self) -> dict[str, Any] | None:
+        """The student with its :class:`OneVsAllHead` (the binary head ships with it: open-set scoring reads it)."""
+        return {"kind": self.method_name}
+
+    @classmethod
+    def rebuild_deployable(cls, spec: dict[str, Any], student: nn.Module, info: dict[str, Any]) -> nn.Module:
+        _swap_head(student)
+        return student
+
     def open_set_outputs(self, net: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The closed-set logits and two confidences: the binary head's (no suffix) and the maximum softmax
         probability (``_msp``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,23 @@ class MultiMatchEnsemble(nn.Module):
         return fuse(task_probabilities(self.student, x, self.num_tasks)).clamp(min=1e-30).log()
 
 
+def task_network(student: nn.Module, num_tasks: int) -> None:
+    """Turn ``student`` (in place) into MultiMatch's network: every ``BatchNorm2d`` a :class:`TaskBatchNorm2d`
+    and the classifier a :class:`TaskLinear` of ``num_tasks`` tasks (the global task last)."""
+    swapped = replace_norm(student, lambda bn: TaskBatchNorm2d.from_bn(bn, num_tasks), kinds=(nn.BatchNorm2d,))
+    if not swapped:
+        raise ConfigError(
+            f"method multimatch gives every task its own BatchNorm, but {type(student).__name__} has no "
+            "BatchNorm2d layer; use a network with BatchNorm (model.name=resnet8 or another ResNet of the zoo)")
+    path = classifier_path(student)
+    head = student.get_submodule(path)
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"method multimatch gives every task its own linear classifier beside the student's "
+                          f"{path!r}, which is a {type(head).__name__}; use a zoo network (its `fc` is linear)")
+    parent, _, attr = path.rpartition(".")
+    setattr(student.get_submodule(parent) if parent else student, attr, TaskLinear(head, num_tasks))
+
+
 @register_method("multimatch")
 class MultiMatch(ERM):
     """Qi, Yang, Shi & Geng, "MultiMatch: Multi-task Learning for Semi-supervised Domain Generalization", ACM TOMM
@@ -142,19 +160,7 @@ class MultiMatch(ERM):
         labelled = list(info.domain_names) or [f"domain{i}" for i in range(self.num_domains)]
         self.local_names = labelled + [n for n in info.unlabeled_domains if n not in labelled]
         self.num_tasks = len(self.local_names) + 1
-        t = self.num_tasks
-        swapped = replace_norm(student, lambda bn: TaskBatchNorm2d.from_bn(bn, t), kinds=(nn.BatchNorm2d,))
-        if not swapped:
-            raise ConfigError(
-                f"method multimatch gives every task its own BatchNorm, but {type(student).__name__} has no "
-                "BatchNorm2d layer; use a network with BatchNorm (model.name=resnet8 or another ResNet of the zoo)")
-        path = classifier_path(student)
-        head = student.get_submodule(path)
-        if not isinstance(head, nn.Linear):
-            raise ConfigError(f"method multimatch gives every task its own linear classifier beside the student's "
-                              f"{path!r}, which is a {type(head).__name__}; use a zoo network (its `fc` is linear)")
-        parent, _, attr = path.rpartition(".")
-        setattr(student.get_submodule(parent) if parent else student, attr, TaskLinear(head, t))
+        task_network(student, self.num_tasks)
         # the local task of each unlabelled pool (``u_domain`` is a position in info.unlabeled_domains)
         pool_task = [self.local_names.index(n) for n in info.unlabeled_domains]
         self.register_buffer("pool_task", torch.tensor(pool_task or [0], dtype=torch.long), persistent=False)
@@ -186,8 +192,17 @@ class MultiMatch(ERM):
     def deployable(self) -> nn.Module:
         return MultiMatchEnsemble(self.student, self.num_tasks)
 
+    def deployable_spec(self) -> dict[str, Any] | None:
+        return {"kind": self.method_name, "num_tasks": int(self.num_tasks)}
+
+    @classmethod
+    def rebuild_deployable(cls, spec: dict[str, Any], student: nn.Module, info: dict[str, Any]) -> nn.Module:
+        task_network(student, int(spec["num_tasks"]))
+        return MultiMatchEnsemble(student, int(spec["num_tasks"]))
+
     def eval_heads(self) -> dict[str, nn.Module]:
         return {"global": self.student}
 
 
-__all__ = ["MultiMatch", "MultiMatchEnsemble", "TaskBatchNorm2d", "TaskLinear", "fuse", "task_probabilities"]
+__all__ = ["MultiMatch", "MultiMatchEnsemble", "TaskBatchNorm2d", "TaskLinear", "fuse", "task_network",
+           "task_probabilities"]

@@ -4,6 +4,7 @@ an ensemble of the single-domain paths and an optimised-normalisation main path 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,25 @@ class NormAUGEnsemble(nn.Module):
         return (per_domain + logits[d * n:]) / 2
 
 
+def subset_network(student: nn.Module, num_domains: int) -> None:
+    """Turn ``student`` (in place) into NormAUG's network: every ``BatchNorm2d`` a
+    :class:`~mentor.nn.dsbn.DomainSubsetNorm2d` of ``2^D`` branches, the classifier a :class:`BankHead`."""
+    swapped = replace_norm(student, lambda bn: DomainSubsetNorm2d.from_bn(bn, num_domains), kinds=(nn.BatchNorm2d,))
+    if not swapped:
+        raise ConfigError(
+            f"method normaug turns every BatchNorm2d of the student into domain-subset BN branches, but "
+            f"{type(student).__name__} has no BatchNorm2d layer. Use a network with BatchNorm (model.name="
+            "resnet8 or another ResNet of the zoo)")
+    path = classifier_path(student)
+    head = student.get_submodule(path)
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"method normaug adds a linear classifier per domain subset beside the student's "
+                          f"classifier {path!r}, which is a {type(head).__name__}, not a linear layer; use a "
+                          "zoo network (its classifier `fc` is linear)")
+    parent, _, attr = path.rpartition(".")
+    setattr(student.get_submodule(parent) if parent else student, attr, BankHead(head, 1 << num_domains))
+
+
 @register_method("normaug")
 class NormAUG(ERM):
     """Qi, Yang, Shi & Geng, "NormAUG: Normalization-guided Augmentation for Domain Generalization", IEEE TIP
@@ -101,21 +121,7 @@ class NormAUG(ERM):
 
     def __init__(self, cfg: MethodConfig, student: nn.Module, info: BuildInfo):
         super().__init__(cfg, student, info)
-        d = self.num_domains
-        swapped = replace_norm(student, lambda bn: DomainSubsetNorm2d.from_bn(bn, d), kinds=(nn.BatchNorm2d,))
-        if not swapped:
-            raise ConfigError(
-                f"method normaug turns every BatchNorm2d of the student into domain-subset BN branches, but "
-                f"{type(student).__name__} has no BatchNorm2d layer. Use a network with BatchNorm (model.name="
-                "resnet8 or another ResNet of the zoo)")
-        path = classifier_path(student)
-        head = student.get_submodule(path)
-        if not isinstance(head, nn.Linear):
-            raise ConfigError(f"method normaug adds a linear classifier per domain subset beside the student's "
-                              f"classifier {path!r}, which is a {type(head).__name__}, not a linear layer; use a "
-                              "zoo network (its classifier `fc` is linear)")
-        parent, _, attr = path.rpartition(".")
-        setattr(student.get_submodule(parent) if parent else student, attr, BankHead(head, 1 << d))
+        subset_network(student, self.num_domains)
 
     def subset_branches(self, o: Tensor) -> Tensor:
         """``[D]``: the BN branch (bit mask) of each domain for the grouping choice ``o`` in ``{0..D}`` (a 0-d
@@ -151,8 +157,16 @@ class NormAUG(ERM):
     def deployable(self) -> nn.Module:
         return NormAUGEnsemble(self.student, self.num_domains)
 
+    def deployable_spec(self) -> dict[str, Any] | None:
+        return {"kind": self.method_name, "num_domains": int(self.num_domains)}
+
+    @classmethod
+    def rebuild_deployable(cls, spec: dict[str, Any], student: nn.Module, info: dict[str, Any]) -> nn.Module:
+        subset_network(student, int(spec["num_domains"]))
+        return NormAUGEnsemble(student, int(spec["num_domains"]))
+
     def eval_heads(self) -> dict[str, nn.Module]:
         return {"main": self.student}
 
 
-__all__ = ["BankHead", "NormAUG", "NormAUGEnsemble"]
+__all__ = ["BankHead", "NormAUG", "NormAUGEnsemble", "subset_network"]

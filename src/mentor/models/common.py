@@ -43,8 +43,11 @@ class StagedNet(nn.Module):
         self.num_features = num_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        # The stages run in the order they were registered (stem, layer1 .. layerK). Iterating the children,
+        # rather than looking each stage up by a computed name, lets ``torch.jit.script`` compile the network.
+        for name, module in self.named_children():
+            if name in self.stage_names:
+                x = module(x)
         if hasattr(self, "head"):
             x = self.head(x)
         return self.fc(self.pool(x))

@@ -86,15 +86,20 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v) if torch.jit.is_scripting() else self._attend(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+    @torch.jit.unused
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The explicit map when it is kept or hooked, else the fused kernel (a scripted network runs the
+        fused kernel: it keeps no map and runs no hooks)."""
         if self.keep or self.map._forward_hooks or self.map._forward_pre_hooks:
             attn = self.map(((q * self.scale) @ k.transpose(-2, -1)).softmax(-1))
             if self.keep:
                 self.attention = attn.detach()
-            out = attn @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+            return attn @ v
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 class Block(nn.Module):
