@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from .distributed import Dist, all_reduce_sum
+
+if TYPE_CHECKING:
+    from .details import DetailsRecorder
 
 
 @dataclass
@@ -16,7 +20,8 @@ class Evaluator:
     """What a method's ``score`` needs to read a split: normalisation, batch size, device, ranks.
 
     ``batches(split)`` yields this rank's share as normalised images and labels on the device;
-    ``accuracy(net, split)`` is top-1 accuracy over all ranks with one host synchronisation.
+    ``accuracy(net, split)`` is top-1 accuracy over all ranks with one host synchronisation; with
+    ``details`` set, the logits it scores are also recorded there (confusion, calibration bins).
     """
 
     mean: Tensor
@@ -26,6 +31,7 @@ class Evaluator:
     dist: Dist = field(default_factory=Dist)
     autocast: Callable | None = None
     channels_last: bool = False
+    details: DetailsRecorder | None = None
 
     def batches(self, split) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in split.batches(self.batch_size, self.dist.rank, self.dist.world_size):
@@ -61,7 +67,10 @@ class Evaluator:
             return float("nan")
         correct = torch.zeros((), dtype=torch.long, device=self.device)
         for x, y in self.batches(split):
-            correct += (self.run(net, x).argmax(1) == y).sum()
+            logits = self.run(net, x)
+            correct += (logits.argmax(1) == y).sum()
+            if self.details is not None:
+                self.details.add(split, logits, y)
         return self.total(correct).item() / n
 
 
