@@ -16,7 +16,8 @@ the gains are paired (mean ± std of the per-seed differences; * where |mean| > 
     python benchmarks/adapt.py --report-only
 
 Finished runs (a directory with summary.json) are reused, so the command can be stopped and started
-again; the report is written to ``<out>/report.md``.
+again. Each training run is a process of its own (``mentor.sweep``), its output in ``<run>/log.txt``;
+``<out>/sweep.json`` lists them and their status. The report is written to ``<out>/report.md``.
 """
 
 from __future__ import annotations
@@ -29,13 +30,11 @@ import sys
 import time
 from pathlib import Path
 
-from mentor.config import load_config
-from mentor.engine import train
 from mentor.engine.adapt import AdaptPlan, adapt, build_adapt_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import mean_std, paired_gain, write_report  # noqa: E402
+from report import mean_std, paired_gain, train_cells, write_report  # noqa: E402
 
 SOURCES = {"resnet8": "recipes/supervised/fmnist_resnet8.yaml", "vit": "recipes/adapt/fmnist_source_vit.yaml"}
 TTA_METHODS = ["source", "norm", "bn_ema", "tent", "eta", "eata", "sar", "deyo", "cotta", "memo", "lame", "rotta",
@@ -70,11 +69,10 @@ def _summary(run: Path) -> dict | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _train(recipe: str, run: Path, overrides: list[str]) -> dict:
-    done = _summary(run)
-    if done is not None:
-        return done
-    return train(load_config(ROOT / recipe, [f"out_dir={run}", "trainer.progress=false", *THREADS, *overrides]))
+def _train(runs: list[tuple[str, Path, list[str]]], out: Path, required: bool = False) -> None:
+    """Train every (recipe, run directory, overrides) not finished (``required``: later runs need them)."""
+    train_cells([(ROOT / recipe, run, ["trainer.progress=false", *THREADS, *overrides])
+                 for recipe, run, overrides in runs], index=out / "sweep.json", required=required)
 
 
 def _adapt(source: Path, run: Path, method: str, setting: str, seed: int, severities, limit: int) -> dict:
@@ -89,10 +87,11 @@ def _adapt(source: Path, run: Path, method: str, setting: str, seed: int, severi
 
 
 def run_tta(out: Path, seeds: list[int], models: list[str], methods: list[str], limit: int, sev_limit: int) -> None:
+    _train([(SOURCES[arch], out / "tta" / arch / "source" / f"seed{seed}", [f"trainer.seed={seed}"])
+            for arch in models for seed in seeds], out, required=True)
     for arch in models:
         for seed in seeds:
             src = out / "tta" / arch / "source" / f"seed{seed}"
-            _train(SOURCES[arch], src, [f"trainer.seed={seed}"])
             for m in methods:
                 if arch == "vit" and m not in VIT_METHODS:
                     continue
@@ -173,12 +172,14 @@ def report_tta(out: Path, seeds: list[int], models: list[str], methods: list[str
 
 
 def run_sfda(out: Path, seeds: list[int], methods: list[str], tasks: list[str]) -> None:
+    """The source runs first (every one the targets need), then the source-free target runs."""
+    sources: dict[Path, tuple[str, Path, list[str]]] = {}
+    targets = []
     for task, (source_recipe, pattern, _, extra) in SFDA_TASKS.items():
         if not any(task.startswith(t) for t in tasks):
             continue
         key = _slug(task)
         for seed in seeds:
-            sources = {}
             for m in methods:
                 recipe = pattern.format(m=m)
                 if not (ROOT / recipe).is_file():
@@ -189,10 +190,11 @@ def run_sfda(out: Path, seeds: list[int], methods: list[str], tasks: list[str]) 
                     if not (ROOT / src_recipe).is_file():
                         continue
                 src = out / "sfda" / key / ("source_vit" if "vit" in src_recipe else "source") / f"seed{seed}"
-                if src not in sources:
-                    sources[src] = _train(src_recipe, src, [f"trainer.seed={seed}"])
-                _train(recipe, out / "sfda" / key / m / f"seed{seed}",
-                       [f"model.init_from={src}", f"trainer.seed={seed}", *extra])
+                sources.setdefault(src, (src_recipe, src, [f"trainer.seed={seed}"]))
+                targets.append((recipe, out / "sfda" / key / m / f"seed{seed}",
+                                [f"model.init_from={src}", f"trainer.seed={seed}", *extra]))
+    _train(list(sources.values()), out, required=True)
+    _train(targets, out)
 
 
 def _slug(task: str) -> str:

@@ -15,7 +15,9 @@ student seconds (``phase_seconds``), images synthesised, and a grid of synthetic
     python benchmarks/datafree.py --plan gpu --device cuda
     python benchmarks/datafree.py --report-only
 
-Finished runs (a run directory with summary.json) are reused. The report goes to ``<out>/report.md``.
+Finished runs (a run directory with summary.json) are reused. Each run trains in a process of its own
+(``mentor.sweep``), its output in ``<run>/log.txt``; ``<out>/sweep.json`` lists the runs and their status. The
+report goes to ``<out>/report.md``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "src"))
-from report import mean_std, paired_gain, train_job, write_report  # noqa: E402
+from report import mean_std, paired_gain, train_cells, write_report  # noqa: E402
 
 ANCHORS = ["dafl", "zskt", "dfad", "dfq", "deepinversion", "cmi", "fast"]
 FOUNDING = ["csd", "cpsc_dfkd", "dfkd_fgvc", "dfdg"]
@@ -78,12 +80,9 @@ RATIO_KEYS = ("g_steps", "s_steps", "kd_steps", "warmup_rounds", "g1_steps", "g2
 
 
 def teacher_dir(out: Path, recipe: str, device: str) -> Path:
-    from mentor.config import load_config
-    from mentor.engine import train
-
     run = out / "teachers" / Path(recipe).stem
-    if not (run / "summary.json").is_file():
-        train(load_config(ROOT / recipe, [f"out_dir={run}", f"trainer.device={device}", "trainer.progress=false"]))
+    train_cells([(ROOT / recipe, run, [f"trainer.device={device}", "trainer.progress=false"])],
+                index=out / "sweep.json", required=True)
     return run
 
 
@@ -149,28 +148,11 @@ def plan_jobs(out: Path, plan_name: str, seeds: list[int], methods: list[str], d
     return jobs
 
 
-def _worker_init() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def _train_one(job: tuple[Path, Path, list[str]]) -> str:
-    return train_job(*job)
-
-
-def execute(jobs: list[tuple[Path, Path, list[str]]], workers: int) -> None:
-    import multiprocessing as mp
-
-    todo = [j for j in jobs if not (j[0] / "summary.json").is_file()]
-    print(f"{len(jobs)} runs, {len(todo)} to train", flush=True)
-    if workers <= 1:
-        for j in todo:
-            print(_train_one(j), flush=True)
-        return
-    with mp.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
-        for line in pool.imap_unordered(_train_one, todo):
-            print(line, flush=True)
+def execute(jobs: list[tuple[Path, Path, list[str]]], workers: int, index: Path | None = None) -> None:
+    """Train the runs of ``jobs`` not finished, ``workers`` at a time (one thread each when several, unless the
+    plan says)."""
+    train_cells([(recipe, run, args) for run, recipe, args in jobs], jobs=workers, threads=1 if workers > 1 else None,
+                index=index)
 
 
 def write_grid(run: Path, out_png: Path, n: int = 40) -> None:
@@ -264,7 +246,7 @@ def main() -> None:
     methods = [m for m in args.methods.split(",") if m]
     if not args.report_only:
         teachers = {recipe: teacher_dir(out, recipe, args.device) for recipe, _ in plan["pairs"]}
-        execute(plan_jobs(out, args.plan, seeds, methods, args.device, teachers), args.jobs)
+        execute(plan_jobs(out, args.plan, seeds, methods, args.device, teachers), args.jobs, out / "sweep.json")
         for recipe, student in plan["pairs"][:1]:
             base = out / args.plan / f"{Path(recipe).stem}-{student}"
             for m in methods:

@@ -13,7 +13,8 @@ draws, so the gains are paired (mean ± std of the per-seed differences; * where
     python benchmarks/families.py --report-only
 
 Finished runs (a run directory with summary.json) are reused, so the command can be stopped and started
-again. The report is written to ``<out>/report.md``.
+again. Each training run is a process of its own (``mentor.sweep``), its output in ``<run>/log.txt``;
+``<out>/sweep.json`` lists them and their status. The report is written to ``<out>/report.md``.
 """
 
 from __future__ import annotations
@@ -26,13 +27,11 @@ import sys
 import time
 from pathlib import Path
 
-from mentor.config import load_config
-from mentor.engine import train
 from mentor.engine.adapt import AdaptPlan, adapt, build_adapt_config
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import mean_std, paired_gain  # noqa: E402
+from report import mean_std, paired_gain, train_cells  # noqa: E402
 
 SSL = {"recipes": {"supervised": "recipes/semi/fmnist_supervised_40.yaml",
                    "pseudo_label": "recipes/semi/fmnist_pseudo_label.yaml"},
@@ -45,11 +44,15 @@ TTA = {"source_recipe": "recipes/supervised/fmnist_resnet8.yaml", "methods": ["s
 THREADS: list[str] = []  # trainer.threads override (--threads)
 
 
-def _train(recipe: str, run: Path, overrides: list[str]) -> dict:
+def _train(runs: list[tuple[str, Path, list[str]]], out: Path, required: bool = False) -> None:
+    """Train every (recipe, run directory, overrides) not finished (``required``: later runs need them)."""
+    train_cells([(ROOT / recipe, run, ["trainer.progress=false", *THREADS, *overrides])
+                 for recipe, run, overrides in runs], index=out / "sweep.json", required=required)
+
+
+def _done(run: Path) -> dict | None:
     summary = run / "summary.json"
-    if summary.is_file():
-        return json.loads(summary.read_text())
-    return train(load_config(ROOT / recipe, [f"out_dir={run}", "trainer.progress=false", *THREADS, *overrides]))
+    return json.loads(summary.read_text()) if summary.is_file() else None
 
 
 def _cost(rows: list[dict]) -> str:
@@ -58,11 +61,13 @@ def _cost(rows: list[dict]) -> str:
 
 def ssl(out: Path, seeds: list[int], run: bool) -> str:
     res: dict[str, dict[int, dict]] = {}
-    for name, recipe in SSL["recipes"].items():
-        for seed in seeds:
-            d = out / "ssl" / name / f"seed{seed}"
-            if run or (d / "summary.json").is_file():
-                res.setdefault(name, {})[seed] = _train(recipe, d, [f"trainer.seed={seed}", *SSL["overrides"]])
+    runs = {(name, seed): (recipe, out / "ssl" / name / f"seed{seed}", [f"trainer.seed={seed}", *SSL["overrides"]])
+            for name, recipe in SSL["recipes"].items() for seed in seeds}
+    if run:
+        _train(list(runs.values()), out)
+    for (name, seed), (_, d, _) in runs.items():
+        if (summary := _done(d)) is not None:
+            res.setdefault(name, {})[seed] = summary
     lines = ["| method | test acc, last | test acc, best val | paired gain (last) | pseudo-label acc / mask rate "
              "(last log) | train img/s | cost |", "|---|---|---|---|---|---|---|"]
     base = [res["supervised"][s]["test_acc_last"] for s in seeds if s in res.get("supervised", {})]
@@ -85,10 +90,13 @@ def ssl(out: Path, seeds: list[int], run: bool) -> str:
 def tta(out: Path, seeds: list[int], run: bool) -> str:
     res: dict[str, dict[int, dict]] = {}
     sources = {}
+    if run:
+        _train([(TTA["source_recipe"], out / "tta" / "source_model" / f"seed{seed}", [f"trainer.seed={seed}"])
+                for seed in seeds], out, required=True)
     for seed in seeds:
         src = out / "tta" / "source_model" / f"seed{seed}"
-        if run or (src / "summary.json").is_file():
-            sources[seed] = _train(TTA["source_recipe"], src, [f"trainer.seed={seed}"])
+        if (summary := _done(src)) is not None:
+            sources[seed] = summary
         for m in TTA["methods"]:
             d = out / "tta" / m / f"seed{seed}"
             if (d / "summary.json").is_file():

@@ -11,9 +11,11 @@ the paired gain over the student trained alone, training images/s and extra trai
     python benchmarks/kd.py --plan cpu --methods kd,dkd --seeds 0 --regimes low   # a slice
     python benchmarks/kd.py --plan cpu --report-only         # rebuild the tables from finished runs
     python benchmarks/kd.py --plan cpu --speed               # training speed of every method, side by side
+    python benchmarks/kd.py --plan gpu --jobs 4              # four runs at a time (one per GPU, or sharing one)
 
 Runs already finished are not repeated (a run directory with summary.json is reused), so the
-command can be stopped and started again.
+command can be stopped and started again. Each run trains in a process of its own (``mentor.sweep``), its
+output in ``<run>/log.txt``; ``<out>/sweep.json`` lists the runs and their status.
 """
 
 from __future__ import annotations
@@ -30,12 +32,11 @@ from pathlib import Path
 import yaml
 
 from mentor.config import load_config
-from mentor.engine import train
 from mentor.methods import METHODS, load_builtin_methods
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import mean_std, paired_gain  # noqa: E402
+from report import mean_std, paired_gain, train_cells  # noqa: E402
 
 SINGLE = ["kd", "dkd", "rld", "fitnet", "at", "rkd", "crd", "simkd", "semckd", "dskd"]
 MULTI = ["avg_mkd", "ebkd", "camkd", "mmkd"]
@@ -71,15 +72,11 @@ def needs_all_teachers(methods: list[str]) -> bool:
 
 def teacher_dirs(plan: dict, out: Path, device: str, count: int, threads: int | None = None) -> list[str]:
     """Train the first ``count`` teachers by their recipes (unless finished); their run directories."""
-    dirs = []
-    for recipe in plan["teachers"][:count]:
-        run = out / "teachers" / Path(recipe).stem
-        if not (run / "summary.json").is_file():
-            extra = [f"trainer.threads={threads}"] if threads else []
-            train(load_config(ROOT / recipe, [f"out_dir={run}", f"trainer.device={device}", "trainer.progress=false",
-                                              *extra]))
-        dirs.append(str(run))
-    return dirs
+    runs = [(ROOT / recipe, out / "teachers" / Path(recipe).stem) for recipe in plan["teachers"][:count]]
+    extra = [f"trainer.threads={threads}"] if threads else []
+    train_cells([(recipe, run, [f"trainer.device={device}", "trainer.progress=false", *extra]) for recipe, run in runs],
+                index=out / "sweep.json", required=True)
+    return [str(run) for _, run in runs]
 
 
 def method_overrides(name: str, teachers: list[str], epochs: float) -> list[str]:
@@ -105,11 +102,9 @@ def method_overrides(name: str, teachers: list[str], epochs: float) -> list[str]
 
 
 def run_one(plan: dict, method: str, student: str, regime: str, seed: int, teachers: list[str], out: Path,
-            device: str, threads: int | None = None) -> dict:
+            device: str, threads: int | None = None) -> tuple[Path, Path, list[str]]:
+    """(recipe, run directory, overrides) of one student run."""
     run = out / regime / student / method / f"seed{seed}"
-    summary = run / "summary.json"
-    if summary.is_file():
-        return json.loads(summary.read_text())
     steps = plan["steps"][regime]
     subset = plan["regimes"][regime]
     epochs = steps * plan["batch_size"] / (subset or 55000)
@@ -123,7 +118,7 @@ def run_one(plan: dict, method: str, student: str, regime: str, seed: int, teach
     overrides.append(f"data.subset={subset if subset is not None else 'null'}")
     if threads:
         overrides.append(f"trainer.threads={threads}")
-    return train(load_config(ROOT / plan["student_recipe"], overrides))
+    return ROOT / plan["student_recipe"], run, overrides
 
 
 def speed(plan: dict, methods: list[str], teachers: list[str], device: str, threads: int | None,
@@ -183,7 +178,10 @@ def main() -> None:
     p.add_argument("--regimes", default="full,low")
     p.add_argument("--out", default="runs/bench/kd")
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per run (default: the cores divided "
+                   "among the runs at a time)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time, each in a process of its own (one per GPU, "
+                   "or sharing them)")
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--speed", action="store_true", help="measure every method's training speed side by side "
                    "(written to speed.json and used for the img/s column)")
@@ -200,19 +198,17 @@ def main() -> None:
         teachers = [str(out / "teachers" / Path(r).stem) for r in plan["teachers"][:count]]
     else:
         teachers = teacher_dirs(plan, out, args.device, count, args.threads)
+    grid = [(regime, student, m, seed) for regime in args.regimes.split(",") for student in plan["students"]
+            for m in ["supervised", *methods] for seed in seeds]
+    if not args.report_only:
+        train_cells([run_one(plan, m, student, regime, seed, teachers, out, args.device, args.threads)
+                     for regime, student, m, seed in grid], jobs=args.jobs, index=out / "sweep.json")
     results: dict = {}
-    for regime in args.regimes.split(","):
-        for student in plan["students"]:
-            rows = results.setdefault((regime, student), {})
-            for m in ["supervised", *methods]:
-                for seed in seeds:
-                    run = out / regime / student / m / f"seed{seed}" / "summary.json"
-                    if args.report_only:
-                        if run.is_file():
-                            rows.setdefault(m, {})[seed] = json.loads(run.read_text())
-                        continue
-                    rows.setdefault(m, {})[seed] = run_one(plan, m, student, regime, seed, teachers, out,
-                                                           args.device, args.threads)
+    for regime, student, m, seed in grid:
+        rows = results.setdefault((regime, student), {})
+        run = out / regime / student / m / f"seed{seed}" / "summary.json"
+        if run.is_file():
+            rows.setdefault(m, {})[seed] = json.loads(run.read_text())
     speed_file = out / "speed.json"
     if args.speed:
         rates = speed(plan, methods, teachers, args.device, args.threads)

@@ -38,6 +38,35 @@ def write_report(out, text: str, t0: float) -> None:
     print(f"({(time.time() - t0) / 60:.1f} min)")
 
 
+def train_cells(items, jobs: int = 1, threads: int | None = None, index=None, required: bool = False) -> list[str]:
+    """Train every ``(recipe, run directory, overrides)`` of ``items`` whose directory holds no summary.json, ``jobs``
+    at a time, each in a process of its own (``mentor.sweep.run_cells``: one GPU per process where there are GPUs,
+    shared when ``jobs`` is larger; each run's output in its ``log.txt``; ``index`` lists them with their status). A
+    failed run is reported and the others go on; ``required`` stops the benchmark when any failed (later runs need
+    them). Returns the failed runs' directories."""
+    import sys
+    from pathlib import Path
+
+    from mentor.sweep import Cell, LocalLauncher, run_cells, visible_gpus
+
+    base = Path(index).parent if index is not None else Path(".")
+
+    def name(run) -> str:  # the run's folder, relative to the index's where it lies below it
+        return str(Path(run).relative_to(base)) if Path(run).is_relative_to(base) else str(run)
+
+    cells = [Cell(str(recipe), str(run), tuple(map(str, overrides)), name=name(run)) for recipe, run, overrides in items
+             if not (Path(run) / "summary.json").is_file()]
+    print(f"{len(items)} runs, {len(cells)} to train", flush=True)
+    if not cells:
+        return []
+    gpus = visible_gpus()
+    launcher = LocalLauncher(processes=jobs, per_gpu=max(1, -(-jobs // len(gpus))) if gpus else 1, threads=threads)
+    failed = [r.cell.out_dir for r in run_cells(cells, launcher, index) if not r.ok]
+    if failed and required:
+        sys.exit(f"{len(failed)} run(s) that later runs need did not finish: {', '.join(failed)} (see log.txt there)")
+    return failed
+
+
 def train_job(run_dir, recipe, args: list[str]) -> str:
     """Train one benchmark run (recipe and overrides) into ``run_dir``; one line saying how long it took and
     whether it finished or failed (a failure is reported, not raised, so the rest of a sweep goes on)."""

@@ -23,7 +23,8 @@ unlabelled pool long-tailed (``data.unlabeled_imbalance=100``), the setting of R
     python benchmarks/semi.py --plan cpu --report-only   # rebuild the tables from finished runs
 
 Finished runs (a run directory with summary.json) are reused, so the command can be stopped and started
-again. The report goes to ``<out>/report.md``.
+again. Each run trains in a process of its own (``mentor.sweep``), its output in ``<run>/log.txt``;
+``<out>/sweep.json`` lists the runs and their status. The report goes to ``<out>/report.md``.
 """
 
 from __future__ import annotations
@@ -36,12 +37,11 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from report import mean_std, paired_gain  # noqa: E402
+from report import mean_std, paired_gain, train_cells  # noqa: E402
 
 USB = ["pseudo_label", "pi_model", "mean_teacher", "vat", "mixmatch", "remixmatch", "uda", "fixmatch",
        "flexmatch", "dash", "freematch", "softmatch", "adamatch", "simmatch", "comatch", "defixmatch"]
@@ -113,19 +113,6 @@ def overrides(plan: dict, method: str, regime: str, seed: int, run: Path) -> lis
     return out
 
 
-def _run_one(job: tuple[str, list[str], Path]) -> str:
-    """One training run (in a worker process); a failure is reported and the grid goes on."""
-    from mentor.config import load_config
-    from mentor.engine import train
-
-    recipe, ovr, run = job
-    try:
-        train(load_config(recipe, ovr))
-        return f"{run}: done"
-    except Exception as e:  # noqa: BLE001 - one broken method must not stop the grid
-        return f"{run}: FAILED {type(e).__name__}: {e}"
-
-
 def methods_of(plan: dict, regime: str, chosen: list[str] | None) -> list[str]:
     kind = plan["regimes"][regime]
     names = [FLOOR, *USB, *FOUNDING, CEILING] if kind == "all" else CORE if kind == "core" else LT
@@ -143,16 +130,10 @@ def run_grid(plan: dict, out: Path, regimes: list[str], seeds: list[int], chosen
                 run = run_dir(out, regime, method, seed)
                 if not (run / "summary.json").is_file() and all(run != j[2] for j in jobs):
                     jobs.append((str(recipe_of(method)), overrides(plan, method, regime, seed, run), run))
-    jobs.sort(key=lambda j: "rkd_unlabeled" in str(j[2]))  # after the FixMatch runs that are their teachers
-    print(f"{len(jobs)} runs to do")
-    if plan["jobs"] <= 1:
-        done = map(_run_one, jobs)
-        for i, line in enumerate(done, 1):
-            print(f"  {i}/{len(jobs)} {line}", flush=True)
-        return
-    with ProcessPoolExecutor(plan["jobs"]) as pool:
-        for i, line in enumerate(pool.map(_run_one, jobs), 1):
-            print(f"  {i}/{len(jobs)} {line}", flush=True)
+    # rkd_unlabeled runs after the FixMatch runs that are their teachers (a stage of their own)
+    for stage in (False, True):
+        train_cells([(recipe, run, ovr) for recipe, ovr, run in jobs if ("rkd_unlabeled" in str(run)) == stage],
+                    jobs=plan["jobs"], index=out / "sweep.json")
 
 
 def run_dir(out: Path, regime: str, method: str, seed: int) -> Path:
