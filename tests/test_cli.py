@@ -22,17 +22,17 @@ def recipe(tmp_path, data=None):
 
 def test_train_then_eval(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", recipe(tmp_path), f"out_dir={out}", *TINY]) == 0
+    assert main(["train", recipe(tmp_path), f"out_dir={out}", *TINY, "--json"]) == 0
     printed = capsys.readouterr().out
     assert json.loads(printed[printed.index("{\n"):]) == json.loads((out / "summary.json").read_text())
-    assert main(["eval", str(out)]) == 0
+    assert main(["eval", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     expected = json.loads((out / "summary.json").read_text())
     assert result["checkpoint"].endswith("best.pt")
     assert result["step"] == expected["best_step"]
     assert result["val_acc"] == pytest.approx(expected["val_acc_best"])
     assert result["test_acc"] == pytest.approx(expected["test_acc_best"])
-    assert main(["eval", str(out / "last.pt")]) == 0
+    assert main(["eval", str(out / "last.pt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["test_acc"] == pytest.approx(expected["test_acc_last"])
 
 

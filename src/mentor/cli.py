@@ -3,34 +3,74 @@
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
-import logging
 import os
 import sys
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stdout)
+    """Log lines on standard output (the tqdm bar is on standard error), through the same console handler
+    a Python program gets from :func:`mentor.engine.train`; logging configured already is left as it is."""
+    from .logs import console_logging
+
+    console_logging(sys.stdout)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .engine import train
 
+    if args.seeds or args.grid or args.dry_run or args.processes is not None:
+        return _train_sweep(args)
     cfg = load_config(args.recipe, args.overrides)
     summary = train(cfg, force=args.force)
     if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(summary, indent=2))
+        if args.json:
+            print(json.dumps(summary, indent=2))
+        else:
+            from .engine.console import summary_text
+
+            print(summary_text(summary, cfg.out_dir))
     return 0
+
+
+def _train_sweep(args: argparse.Namespace) -> int:
+    from .errors import ConfigError
+    from .sweep import execute, train_sweep
+
+    if args.force:
+        raise ConfigError("--force does not combine with --seeds/--grid: a sweep skips finished cells and resumes "
+                          "interrupted ones; delete the cells' folders (or give another out_dir) to train them anew")
+    if not (args.seeds or args.grid):
+        raise ConfigError("--dry-run and --processes belong to a sweep: add --seeds 0,1,2 and/or --grid key=v1,v2")
+    return execute(train_sweep(args.recipe, args.overrides, args.seeds, args.grid or [], args.processes),
+                   dry_run=args.dry_run)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import execute, load_sweep
+
+    return execute(load_sweep(args.sweep, processes=args.processes), dry_run=args.dry_run)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .engine.run import evaluate_run
 
     result = evaluate_run(args.path, device=args.device)
-    print(json.dumps(result, indent=2))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        from .engine.console import eval_text
+
+        print(eval_text(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run, export_text
+
+    meta = export_run(args.run, args.format, out=args.out, ema=args.ema, checkpoint=args.checkpoint)
+    print(export_text(meta))
     return 0
 
 
@@ -44,43 +84,46 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         options["corruptions"] = tuple(args.corruptions)
     if args.limit:
         options["limit"] = args.limit
-    plan = AdaptPlan(run=args.run, shift=args.shift, setting=args.setting, root=args.root, options=options)
+    plan = AdaptPlan(run=args.run, shift=args.shift, setting=args.setting, root=args.root, options=options,
+                     save_model=args.save_model)
     summary = adapt(plan, build_adapt_config(args.overrides))
     print(json.dumps(summary, indent=2))
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    if args.what == "methods":
-        from .methods import METHODS
+    from .introspect import list_names, listing_text
 
-        names = METHODS.names(args.pattern)
-    elif args.what == "models":
-        from .models import list_models
+    # every list is read from its registries (mentor.introspect), so a registered name cannot be left out
+    print(listing_text(args.pattern) if args.what is None else "\n".join(list_names(args.what, args.pattern)))
+    return 0
 
-        names = list_models(args.pattern)
-    elif args.what == "datasets":
-        from .data import list_datasets
-        from .data.domains import list_domain_sets
 
-        names = sorted(n for n in list_datasets() + list_domain_sets() if fnmatch.fnmatch(n, args.pattern))
-    elif args.what == "shifts":
-        from .data.domains import list_domain_sets
+def cmd_show(args: argparse.Namespace) -> int:
+    from .introspect import method_text
 
-        names = list_domain_sets(args.pattern)
-    else:
-        from .data.augment import AUGMENTS
+    print(method_text(args.method, full=args.full))
+    return 0
 
-        names = AUGMENTS.names(args.pattern)
-    print("\n".join(names))
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .introspect import config_text
+
+    print(config_text(args.recipe, args.overrides), end="")
     return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import dataset_info, fetch
+    from .data import fetch
 
     if args.action == "info":
-        print(dataset_info(args.name))
+        from .data.names import describe_dataset, missing_hint
+
+        text, available = describe_dataset(args.name)
+        print(text)
+        if not available:
+            print(f"mentor: error: {missing_hint(args.name)}", file=sys.stderr)
+            return 1
     else:
         files = fetch(args.name, to=args.to, verify=not args.no_verify)
         for f in files:
@@ -119,8 +162,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import make_report
+
+    print(make_report(args.paths, out=args.out, baseline=args.baseline))
+    return 0
+
+
+class _Version(argparse.Action):
+    """``--version``: computed when asked (from package metadata, importing nothing heavy), then exit."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .introspect import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mentor", description="Teacher-student learning on one engine.")
+    p.add_argument("--version", action=_Version, help="the versions of mentor, torch and Python, then exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a recipe: mentor train RECIPE [key.sub=value ...]")
@@ -129,12 +193,41 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--force", action="store_true", help="discard what out_dir holds (checkpoints, metrics, "
                    "summary) and train from scratch; without it a finished run is left as it is and an "
                    "interrupted one resumes")
+    t.add_argument("--json", action="store_true", help="print the run's summary.json at the end (default: the "
+                   "headline numbers as readable lines)")
+    t.add_argument("--seeds", default=None, help="a sweep over seeds, e.g. 0,1,2: one run per seed (trainer.seed) "
+                   "under the recipe's out_dir (else runs/<recipe name>)/seed<k>")
+    t.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="a sweep over a key's values, e.g. "
+                   "method.beta=2,4,8 (repeat for a cross product); with --seeds, every point per seed")
+    t.add_argument("--processes", type=int, default=None, help="sweep cells run at once (default: one per GPU, "
+                   "else 1)")
+    t.add_argument("--dry-run", action="store_true", help="list the sweep's cells and their state; run nothing")
     t.set_defaults(func=cmd_train)
 
+    sw = sub.add_parser("sweep", help="run a sweep file: recipes x grid x seeds, one run directory per cell")
+    sw.add_argument("sweep", help="a sweep YAML file (out, recipes, overrides, grid, seeds, launcher)")
+    sw.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")
+    sw.add_argument("--processes", type=int, default=None, help="cells at once (the launcher's processes; Slurm: "
+                    "its parallelism)")
+    sw.set_defaults(func=cmd_sweep)
+
     e = sub.add_parser("eval", help="evaluate a run directory or checkpoint on validation and test data")
-    e.add_argument("path", help="a run directory (uses best.pt, else last.pt) or a checkpoint file")
+    e.add_argument("path", help="a run directory (uses best.pt, else last.pt), a checkpoint file, or a file "
+                   "written by mentor export (beside its sidecar FILE.json)")
     e.add_argument("--device", default="auto")
+    e.add_argument("--json", action="store_true", help="print the result as JSON (default: readable lines)")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="write a run's deployable network for shipping: mentor export RUN --format "
+                       "safetensors|onnx|torchscript|torch (a sidecar FILE.json describes it)")
+    x.add_argument("run", help="a run directory (best.pt, else last.pt), a checkpoint, or a `mentor adapt "
+                   "--save-model` directory")
+    x.add_argument("--format", required=True, choices=["safetensors", "onnx", "torchscript", "torch"])
+    x.add_argument("--out", default=None, help="the file to write (default RUN/export/<model>.<ext>)")
+    x.add_argument("--ema", action="store_true", help="the run's EMA weights (trainer.ema)")
+    x.add_argument("--checkpoint", choices=["best", "last"], default=None, help="which checkpoint of a run "
+                   "directory (default best.pt, else last.pt)")
+    x.set_defaults(func=cmd_export)
 
     a = sub.add_parser("adapt", help="adapt a trained run online over the streams of a shift: "
                        "mentor adapt RUN --shift fmnist_c [--setting reset|continual|mixed] [method.name=norm ...]")
@@ -146,13 +239,29 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--severities", type=int, nargs="*", help="corruption severities (default 5)")
     a.add_argument("--corruptions", nargs="*", help="corruption names (default all 15)")
     a.add_argument("--limit", type=int, default=None, help="first N images of every stream")
+    a.add_argument("--save-model", action="store_true", help="write the adapted network (as it stands after the "
+                   "last stream) to OUT_DIR/adapted.pt, which mentor export and mentor eval read")
     a.add_argument("overrides", nargs="*", help="method.name=norm data.batch_size=64 trainer.device=cuda out_dir=...")
     a.set_defaults(func=cmd_adapt)
 
-    ls = sub.add_parser("list", help="list registered methods, models, datasets or augmentations")
-    ls.add_argument("what", choices=["methods", "models", "datasets", "shifts", "augments"])
+    ls = sub.add_parser("list", help="list registered methods, models, datasets, shifts or augmentations (all "
+                        "of them without a kind)", epilog="model.name also takes timm:NAME, torchvision:NAME (the "
+                        "zoo extra) and path/to/file.py:build_fn")
+    ls.add_argument("what", nargs="?", default=None, choices=["methods", "models", "datasets", "shifts", "augments"])
     ls.add_argument("pattern", nargs="?", default="*", help="a glob, e.g. 'resnet*'")
     ls.set_defaults(func=cmd_list)
+
+    sh = sub.add_parser("show", help="a method: its paper, hyper-parameters with defaults, inputs, required keys "
+                        "and recipes: mentor show kd")
+    sh.add_argument("method", help="a method name (`mentor list methods`)")
+    sh.add_argument("--full", action="store_true", help="also print the method's whole description")
+    sh.set_defaults(func=cmd_show)
+
+    cf = sub.add_parser("config", help="a recipe resolved, every default filled in, as YAML: mentor config "
+                        "RECIPE [key.sub=value ...]")
+    cf.add_argument("recipe", help="a recipe YAML file, e.g. recipes/distill/fmnist_kd.yaml")
+    cf.add_argument("overrides", nargs="*", help="dotted overrides, e.g. method.temperature=2")
+    cf.set_defaults(func=cmd_config)
 
     d = sub.add_parser("data", help="find or download datasets")
     dsub = d.add_subparsers(dest="action", required=True)
@@ -192,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default=None, help="run folder (default runs/demo, runs/demo-quick with --quick)")
     demo.add_argument("--quick", action="store_true", help="a few steps per row (a smoke test)")
     demo.set_defaults(func=cmd_demo)
+
+    rp = sub.add_parser("report", help="an HTML page (and Markdown) of runs or sweeps: tables over seeds, curves, "
+                        "per-class accuracy, calibration, samples")
+    rp.add_argument("paths", nargs="+", help="run directories, or folders holding runs at any depth (a sweep)")
+    rp.add_argument("--out", default=None, help="folder for report.html, report.md and figures/ (default "
+                    "<first path>/report)")
+    rp.add_argument("--baseline", default=None, help="the group gains are measured against, by its name in the "
+                    "table (default: a supervised group, else the first)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

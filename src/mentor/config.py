@@ -99,6 +99,8 @@ MANY = 1024  # threads, workers, micro-batches per step: more is a typo, and wou
 # Images per step and process. A split smaller than a batch is repeated to fill it (40 labels, batch 64),
 # so the data does not bound it; this does, before a typo asks the device for terabytes.
 MAX_BATCH = 2**16
+# trainer.loggers: metrics.jsonl is always written; the others add backends (mentor.engine.loggers)
+LOGGERS = ("jsonl", "csv", "tensorboard", "wandb")
 
 
 def rules(**table: Rule | tuple[Rule, ...]) -> Callable[[type], type]:
@@ -270,7 +272,9 @@ class ScheduleConfig:
 @rules(max_steps=COUNT, eval_every=COUNT, ckpt_every=COUNT, log_every=COUNT, seed=SEED, device=DEVICE,
        accumulate=between(1, MANY), threads=between(1, MANY).because("null leaves torch's default"),
        clip_grad=POSITIVE.because("the largest gradient norm; null = no clipping, a negative one would reverse "
-                                  "the gradients"))
+                                  "the gradients"),
+       loggers=each(Rule(lambda v: v in LOGGERS, "one of " + ", ".join(LOGGERS)).because(
+           "metrics.jsonl is always written; the list adds backends")))
 @dataclass
 class TrainerConfig:
     """What the engine does around the method: steps, precision, checkpoints, logging, EMA."""
@@ -681,6 +685,9 @@ def _check_model(m: ModelConfig) -> None:
 
     from .models import MODELS
 
+    if m.weights and m.init_from:
+        raise ConfigError(f"model.weights={m.weights} and model.init_from={m.init_from} both give the network's "
+                          "starting weights; keep one")
     if m.name not in MODELS:
         return
     factory = MODELS.get(m.name)

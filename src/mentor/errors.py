@@ -55,3 +55,12 @@ class ContractError(MentorError, TypeError):
 
 class SampleError(MentorError, ValueError):
     """A sampling request that cannot be served (unknown solver, run without a denoiser, ...)."""
+
+
+class ReportError(MentorError):
+    """``mentor report`` cannot read its input (not a run, no runs, an unreadable file) or lacks matplotlib."""
+
+
+class ExportError(MentorError):
+    """``mentor export`` cannot write the network (no checkpoint, unknown format, a missing optional package, a
+    check that fails), or an exported file cannot be read back (no sidecar)."""

@@ -34,7 +34,7 @@ LOCK = "run.lock"
 MAY_CHANGE = ("trainer.max_steps", "trainer.eval_every", "trainer.ckpt_every", "trainer.log_every",
               "trainer.threads", "trainer.progress", "data.num_workers", "out_dir", "resume")
 # What a fresh start (--force) removes; anything else the user put in the folder stays.
-RUN_FILES = ("last.pt", "best.pt", "summary.json", "metrics.jsonl", "config.yaml")
+RUN_FILES = ("last.pt", "best.pt", "summary.json", "metrics.jsonl", "metrics.csv", "config.yaml", "test_details.json")
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -28,17 +28,20 @@ from ..config import ConfigError, RunConfig, default_out_dir, to_dict
 from ..errors import CheckpointMismatchError
 from ..methods import METHODS, BuildInfo, Method, StepContext
 from ..methods.base import Refresh
-from ..models import create_model, strip_taps
+from ..models import build_network, strip_taps
 from ..nn.norm import bn_layers
 from ..provenance import provenance
 from . import checkpoint as ckpt
+from .console import run_header, start_warnings
 from .contract import check_step_output
+from .details import DetailsRecorder, recording
 from .distributed import Dist, barrier, init_distributed, shutdown
 from .ema import EMA
 from .evaluate import Evaluator
 from .graph import GraphStep, check_capturable
 from .inputs import Splits, TrainInputs, data_free_splits, load_splits
-from .logger import RunLogger, format_duration, log, truncate_metrics
+from .logger import RunLogger, console_logging, format_duration, log, truncate_metrics
+from .loggers import check_loggers
 from .meter import Meter, NonFiniteLossError, PhaseClock
 from .optim import build_optimizer, build_scheduler, device_lr
 from .rundir import RunDir
@@ -115,6 +118,11 @@ def init_network(net: nn.Module, path: str, info: BuildInfo, model: str) -> None
     try:
         ckpt.load_weights(net, weights, file, f"model.name={model}")
     except ckpt.CheckpointError as e:
+        if src.get("deployable"):
+            raise ConfigError(f"model.init_from={path}: {file} holds the {src['deployable'].get('kind')} network "
+                              f"built around a {src['model']} (not a bare {src['model']}), which does not load into "
+                              f"model.name={model}; start from a run whose deployable network is the bare model"
+                              ) from None
         raise ConfigError(f"model.init_from={path}: {file} holds a {src['model']} network: {e}; use the same "
                           "model.name as that run") from None
 
@@ -122,11 +130,9 @@ def init_network(net: nn.Module, path: str, info: BuildInfo, model: str) -> None
 def build_method(cfg: RunConfig, splits: Splits, device: torch.device, steps_per_epoch: int) -> Method:
     """The student from the zoo (or from ``model.init_from``) and the registered method around it."""
     info = build_info(cfg, splits, device, steps_per_epoch)
-    try:
-        student = create_model(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels,
-                               **cfg.model.kwargs)
-    except KeyError as e:
-        raise ConfigError(f"model.name: {e.args[0]}") from None
+    # zoo, timm:/torchvision:/file.py:fn networks; model.weights: a local weights file (mentor.models.build)
+    student = build_network(cfg.model.name, info.num_classes, info.in_channels, info.image_size, cfg.model.kwargs,
+                            weights=cfg.model.weights)
     if cfg.model.init_from:
         init_network(student, cfg.model.init_from, info, cfg.model.name)
     return METHODS.get(cfg.method.name)(cfg.method, student, info)
@@ -138,6 +144,13 @@ def source_splits(cfg: RunConfig, method_cls: type[Method]) -> Splits:
     if method_cls.inputs.data:
         return load_splits(cfg.data)
     source = method_cls.data_source(cfg.method)
+    from .teacher import is_model_teacher
+
+    if source and is_model_teacher(source):
+        raise ConfigError(f"method.teacher={source}: method {cfg.method.name!r} trains without data, so the class "
+                          "count, image shape and normalisation come from the teacher's run, and a network given "
+                          "with its weights (MODEL@WEIGHTS) has none; give the run directory of a `mentor train` run "
+                          "of it (model.name=MODEL model.weights=WEIGHTS on its data)")
     if not source:
         raise ConfigError(f"method {cfg.method.name!r} trains without data: it needs the run directory of a "
                           "trained network (method.teacher=runs/...) for the class count, shape and normalisation")
@@ -153,8 +166,10 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, splits: Splits | None = None):
         """``splits`` replaces the recipe's dataset with tensors the caller already has."""
+        console_logging()  # progress on the console when the program has set up no logging
         self.cfg = cfg
         t = cfg.trainer
+        check_loggers(t.loggers)  # a missing tensorboard/wandb package stops the run before its data loads
         if t.threads:
             torch.set_num_threads(t.threads)
         self.dist = init_distributed("cuda" if resolve_device(t.device).type == "cuda" else "cpu")
@@ -244,6 +259,7 @@ class Trainer:
         self.meter = Meter(self.dist, prefix_phases=len(self.phases) > 1)
         self.clock = PhaseClock(self.device, enabled=len(self.phases) > 1 and not t.cuda_graph)
         self._checked: set[str] = set()
+        self.details: DetailsRecorder | None = None  # set while the end of the run records test_details.json
 
     # -- set-up helpers --------------------------------------------------------------------------
     def _wrap_ddp(self) -> nn.Module:
@@ -289,7 +305,9 @@ class Trainer:
                 "num_classes": info.num_classes, "in_channels": info.in_channels,
                 "image_size": info.image_size, "dataset": self.cfg.data.name,
                 "method": self.cfg.method.name, "mean": list(info.mean), "std": list(info.std),
-                "classes": list(self.splits.reference.classes)}
+                "classes": list(self.splits.reference.classes),
+                # a network other than the bare student (SimKD's reused head, ...): how to rebuild it
+                **({"deployable": spec} if (spec := self.method.deployable_spec()) else {})}
 
     def save(self, step: int) -> None:
         """``last.pt`` at ``step``, after checking on the device that every loss term, parameter, buffer and
@@ -381,7 +399,7 @@ class Trainer:
 
     def evaluator(self) -> Evaluator:
         return Evaluator(self.inputs.mean, self.inputs.std, self.cfg.data.eval_batch_size, self.device, self.dist,
-                         self.autocast, self.cfg.trainer.channels_last)
+                         self.autocast, self.cfg.trainer.channels_last, self.details)
 
     def _score(self, net: nn.Module, split, prefix: str, suffix: str = "") -> dict[str, float]:
         """The method's numbers of ``net`` on ``split`` as ``<prefix><key><suffix>``."""
@@ -567,17 +585,22 @@ class Trainer:
             truncate_metrics(self.run_dir / "metrics.jsonl", self.start_step)
             log.info(f"resuming {self.run_dir} at step {self.start_step}" if self.start_step
                      else f"training into {self.run_dir}")
-        logger = RunLogger(self.run_dir, t.max_steps, self.start_step, self.is_main, t.progress)
+            for line in run_header(self):
+                log.info(line)
+            for warning in start_warnings(self):
+                log.warning(warning)
+        logger = RunLogger(self.run_dir, t.max_steps, self.start_step, self.is_main, t.progress, t.loggers,
+                           to_dict(cfg))
         global_batch = cfg.data.batch_size * self.dist.world_size * t.accumulate
         self.method.train()
         self._t0 = time.perf_counter()
         t_mark, steps_mark = time.perf_counter(), self.start_step
-        with _StopOnSignal() as stop:
+        with _StopOnSignal() as stop, logger:  # the logger's backends close however the loop ends
             for step in range(self.start_step, t.max_steps):
                 if stop.requested:
                     # Between two steps the state is consistent: keep it so the same command resumes.
                     self.save(step)
-                    logger.close()
+                    logger.close(failed=True)
                     log.info(f"stopped at step {step}; saved {last}, run the same command to resume")
                     raise KeyboardInterrupt
                 if step % self.inputs.steps_per_epoch == 0:
@@ -599,6 +622,7 @@ class Trainer:
                         lr = float(self.optimizers[0].param_groups[0]["lr"])
                         logger.train(done, values, lr, rate, eta)
                     if do_eval:
+                        logger.evaluating(done)
                         self.method.before_eval(self._refresh())
                         self.evaluate(done, logger)
                     if do_ckpt:
@@ -629,7 +653,11 @@ class Trainer:
             f"val_{self.metric}_best": self.best["value"],
             "best_step": self.best["step"],
         }
-        out.update(self._score_tests(self.method.deployable(), "_last"))
+        if self.is_main:  # reading the test set(s) is the slow part of a short run's end
+            images = sum(len(split) for split in self.splits.test_splits().values())
+            log.info(f"testing the last weights on {images:,} test images ...")
+        with recording(self):  # the same test pass also gives test_details.json (confusion, calibration)
+            out.update(self._score_tests(self.method.deployable(), "_last"))
         for name, net in self.method.eval_heads().items():
             out.update(self._score_tests(net, f"_last_{name}"))
         if self.ema is not None:
@@ -645,6 +673,8 @@ class Trainer:
                 if k.startswith("test_") and base.endswith(tail) and (self.select_ema or "_ema_" not in k):
                     out[base[: -len(tail)] + "_best" + at + name] = v
         elif best_path.exists():
+            if self.is_main:
+                log.info(f"testing best.pt (step {self.best['step']}) ...")
             state = ckpt.load(best_path, map_location=self.device)
             net = strip_taps(copy.deepcopy(self.method.deployable()))
             net.load_state_dict(state["ema"] if self.select_ema else state["model"])
@@ -702,6 +732,7 @@ class _StopOnSignal:
 def train(cfg: RunConfig, force: bool = False) -> dict[str, Any]:
     """Train one recipe; returns the summary (also written to ``<out_dir>/summary.json``). A finished run of
     the same recipe in ``out_dir`` is returned as it is, without loading data (``force`` trains it again)."""
+    console_logging()
     if not force and cfg.resume and os.environ.get("WORLD_SIZE", "1") in ("", "1"):
         summary = RunDir(cfg.out_dir).finished(cfg)
         if summary is not None:

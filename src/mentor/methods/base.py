@@ -294,6 +294,21 @@ class Method(nn.Module):
         """The network a user ships (by default the student)."""
         return self.student
 
+    def deployable_spec(self) -> dict[str, Any] | None:
+        """How to rebuild :meth:`deployable` without this method: ``None`` (the default) when it is the
+        student exactly as ``create_model(model.name, **model.kwargs)`` builds it; otherwise a JSON-able dict
+        whose ``"kind"`` is the registered name of the method whose :meth:`rebuild_deployable` builds it, with
+        what that needs (channel counts, the teacher's architecture, ...). The engine records it in every
+        checkpoint's ``info["deployable"]``; :func:`mentor.engine.deployable.build_deployable` reads it."""
+        return None
+
+    @classmethod
+    def rebuild_deployable(cls, spec: dict[str, Any], student: nn.Module, info: dict[str, Any]) -> nn.Module:
+        """The network :meth:`deployable_spec` describes, built around ``student`` (a fresh zoo network of the
+        run's ``model.name``); its ``state_dict`` has the keys and shapes of the run's ``deployable()``, so
+        the checkpoint's weights load into it. ``info`` is the checkpoint's (classes, channels, image size)."""
+        raise NotImplementedError(f"{cls.__name__} records no deployable spec, so it rebuilds none")
+
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         return self.deployable()(x)
@@ -313,6 +328,19 @@ class Method(nn.Module):
         """Numbers the method adds to ``summary.json`` at the end of a run (a data-free method's count of
         synthesised images); read once, on the host."""
         return {}
+
+    def warnings(self, max_steps: int, ema: float | None) -> list[str]:
+        """Settings of this run that likely defeat its purpose, logged once when it starts (rank 0). The
+        engine passes the run's length and its EMA decay (``trainer.ema``, None without EMA); by default it
+        warns when the EMA copy averages over more steps (about ``1 / (1 - ema)``) than the run has. Override
+        to add a method's own (call ``super().warnings``, or replace the EMA check by a stricter one)."""
+        if ema is None or 1.0 / (1.0 - ema) <= max_steps:
+            return []
+        left = ema**max_steps
+        advice = f"lower trainer.ema to about {1 - 10 / max_steps:.4g}" if max_steps > 10 else "set trainer.ema=null"
+        return [f"trainer.ema={ema} averages the weights over about {1 / (1 - ema):,.0f} steps, more than the run's "
+                f"{max_steps:,} (trainer.max_steps): at the end the EMA copy (the *_ema numbers) still holds "
+                f"{left:.0%} of the initial weights; {advice} or train longer"]
 
     def phases(self) -> list[Phase]:
         return [Phase("main", [p for p in self.parameters() if p.requires_grad])]
