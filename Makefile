@@ -30,6 +30,7 @@ demo: install data
 	$(VENV)/bin/mentor demo
 
 test: install data
+	@bash scripts/ensure-chromium.sh
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-slow: install data

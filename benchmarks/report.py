@@ -3,27 +3,26 @@
 from __future__ import annotations
 
 import math
-import statistics
+
+from mentor.report import tables
 
 
 def mean_std(xs: list[float]) -> str:
-    """Accuracies in [0, 1] as "mean ± std" in percent over seeds (NaNs dropped; "–" when none)."""
-    xs = [100 * x for x in xs if not math.isnan(x)]
-    if not xs:
+    """Accuracies in [0, 1] as "mean ± std" in percent over seeds (NaNs dropped; "–" when none); the statistics
+    of ``mentor report`` (:mod:`mentor.report.tables`)."""
+    m, sd, n = tables.mean_std([x for x in xs if not math.isnan(x)])
+    if n == 0:
         return "–"
-    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{statistics.mean(xs):.2f} ± {sd:.2f}"
+    return f"{100 * m:.2f} ± {100 * (sd if n > 1 else 0.0):.2f}"
 
 
 def paired_gain(xs: list[float], base: list[float]) -> str:
-    """Mean ± std of the per-seed differences to the baseline, in points; * where |mean| > 2 std."""
-    d = [100 * (a - b) for a, b in zip(xs, base)]
-    if not d:
+    """Mean ± std of the per-seed differences to the baseline (paired by position), in points; * where
+    |mean| > 2 std, as ``mentor report`` marks a clear gain."""
+    gain = tables.paired_gain(dict(enumerate(xs)), dict(enumerate(base)))
+    if gain is None:
         return "–"
-    m = statistics.mean(d)
-    sd = statistics.stdev(d) if len(d) > 1 else 0.0
-    mark = " *" if len(d) > 1 and abs(m) > 2 * sd else ""
-    return f"{m:+.2f} ± {sd:.2f}{mark}"
+    return f"{100 * gain.mean:+.2f} ± {100 * (gain.std if gain.n > 1 else 0.0):.2f}" + (" *" if gain.clear else "")
 
 
 def write_report(out, text: str, t0: float) -> None:

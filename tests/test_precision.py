@@ -83,3 +83,22 @@ def test_git_commit_is_this_checkout():
     if head.returncode != 0:
         pytest.skip("mentor is not imported from a git checkout")
     assert git_commit().split("+")[0] == head.stdout.strip()
+
+
+def test_run_files_follow_the_umask(tmp_path):
+    """Every file a run writes gets the permissions the umask gives (0o664 under umask 002), so colleagues in
+    the group can read runs on a shared cluster; an atomic write's temporary file is not left private."""
+    import os
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        train(digits_cfg(tmp_path, "trainer.max_steps=2", "trainer.eval_every=2", "trainer.ckpt_every=2",
+                         "trainer.loggers=[jsonl,csv]"))
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+    files = [p for p in run.iterdir() if p.is_file() and p.name != "run.lock"]
+    assert {"config.yaml", "summary.json", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt"} <= {p.name for p in files}
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o664, (p.name, oct(p.stat().st_mode))
