@@ -168,12 +168,10 @@ def positional_embedding(t: Tensor, channels: int = 8, max_positions: float = 10
     return torch.cat([arg.sin(), arg.cos()], dim=1)
 
 
-class AMEDOutput(NamedTuple):
-    """Per-sample predictions, each of shape ``(B,)``: ``r`` in (0, 1) and the two scales (1 when off)."""
-
-    r: Tensor
-    scale_dir: Tensor
-    scale_time: Tensor
+# The functional form keeps the field types as objects (this module's annotations are strings), so
+# documentation tools resolve them.
+AMEDOutput = NamedTuple("AMEDOutput", [("r", Tensor), ("scale_dir", Tensor), ("scale_time", Tensor)])  # noqa: UP014
+AMEDOutput.__doc__ = "Per-sample predictions, each of shape ``(B,)``: ``r`` in (0, 1) and the two scales (1 when off)."
 
 
 class AMEDPredictor(nn.Module):

@@ -14,8 +14,6 @@ shipped, evaluated or loaded as a teacher like any trained model), and :meth:`Mu
 runs the trunk once per batch for all branches.
 """
 
-from __future__ import annotations
-
 import copy
 from typing import NamedTuple
 

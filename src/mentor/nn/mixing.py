@@ -7,8 +7,6 @@ uses it can be captured in a CUDA graph. :func:`step_generator` gives a method a
 pure function of (seed, step, rank), the way the engine draws its batches.
 """
 
-from __future__ import annotations
-
 import contextlib
 from collections.abc import Callable
 from typing import NamedTuple

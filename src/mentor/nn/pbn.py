@@ -9,8 +9,6 @@ Static shapes: a patch is a 0/1 mask over the map, and every split is four masks
 code path serves the whole map, two patches and four patches, and the random cuts are device tensors.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import torch
@@ -96,7 +94,7 @@ class PatchBN2d(nn.BatchNorm2d):
         self.generator: torch.Generator | None = None
 
     @classmethod
-    def from_bn(cls, bn: nn.BatchNorm2d, stoch_p: float = 0.5, mix_p: float = 0.5) -> PatchBN2d:
+    def from_bn(cls, bn: nn.BatchNorm2d, stoch_p: float = 0.5, mix_p: float = 0.5) -> "PatchBN2d":
         """A PatchBN2d with ``bn``'s settings, parameters and statistics (for :func:`~mentor.nn.norm.replace_norm`)."""
         if not bn.track_running_stats or bn.running_mean is None:
             raise ValueError(f"PatchBN2d needs running statistics; {bn} does not track them")
