@@ -8,19 +8,8 @@
 # that need the data are skipped then; `make demo` stops with the same message). It never fails.
 set -u
 
-sudo=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then sudo="sudo -n"; fi
-fi
-can_apt() { command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || [ -n "$sudo" ]; }; }
-
-# apt_install PKG...: quiet install; when that fails (stale package lists), update once and retry.
-apt_install() {
-  if ! DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null 2>&1; then
-    $sudo apt-get update -qq >/dev/null 2>&1
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null 2>&1
-  fi
-}
+# shellcheck source=scripts/apt.sh
+source "$(dirname "$0")/apt.sh"
 
 # ------------------------------------------------------------------------------------ Fashion-MNIST
 have_fmnist() {

@@ -83,3 +83,18 @@ def test_command_line_parses(line, argv):
         if word.endswith((".yaml", ".yml")) and "=" not in word and not word.startswith(("SWEEP", "RECIPE")):
             if word.startswith("recipes/"):
                 assert (ROOT / word).is_file(), f"README.md:{line}: {word} does not exist"
+
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[p.name for p in DOCS])
+def test_doc_links_stay_in_the_repository(doc):
+    """Every relative link of the README and docs/*.md names a file of the checkout (no ../shared/...)."""
+    text = doc.read_text()
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if target.startswith(("http://", "https://", "#", "mailto:")):
+            continue
+        path = (doc.parent / target.split("#")[0]).resolve()
+        assert path.is_relative_to(ROOT), f"{doc.name}: {target} leaves the repository"
+        assert path.exists(), f"{doc.name}: {target} does not exist"

@@ -10,7 +10,8 @@ of the network's final classifier, read by a forward pre-hook, so any zoo networ
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,6 +27,31 @@ def at_least_float32(t: Tensor) -> Tensor:
     """``t`` in float32, or as it is when wider (half-precision logits and features are widened for the
     penalties and statistics)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class BranchEnsemble:
+    """For a method whose shipped network is an ensemble over normalisation branches of its student (NormAUG's
+    domain subsets, MultiMatch's tasks): ``ensemble(student, n)`` is the shipped module, ``convert(student, n)``
+    turns a plain zoo student into the branched network in place, and ``branches()`` is ``n``; a checkpoint
+    records ``n`` so the network is rebuilt without the data (:meth:`Method.rebuild_deployable`)."""
+
+    ensemble: ClassVar[Callable[[nn.Module, int], nn.Module]]
+    convert: ClassVar[Callable[[nn.Module, int], None]]
+
+    def branches(self) -> int:
+        raise NotImplementedError
+
+    def deployable(self) -> nn.Module:
+        return type(self).ensemble(self.student, self.branches())
+
+    def deployable_spec(self) -> dict[str, Any] | None:
+        return {"kind": self.method_name, "branches": int(self.branches())}
+
+    @classmethod
+    def rebuild_deployable(cls, spec: dict[str, Any], student: nn.Module, info: dict[str, Any]) -> nn.Module:
+        n = int(spec["branches"])
+        cls.convert(student, n)
+        return cls.ensemble(student, n)
 
 
 class DomainMethod(OpenSetScore, Supervised):

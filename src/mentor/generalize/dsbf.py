@@ -15,7 +15,7 @@ from torch.nn.utils.parametrizations import weight_norm
 from ..config import NON_NEGATIVE, PROBABILITY, between, rules
 from ..errors import ConfigError
 from ..methods import BuildInfo, Inputs, MethodConfig, Refresh, StepContext, register_method
-from ..models.penultimate import classifier_path
+from ..models.penultimate import swap_classifier
 from ..nn import train_accuracy
 from ..nn.masking import all_gather_cat, step_tensor
 from ..nn.pseudo import centroid_pseudo_labels, im_loss
@@ -49,14 +49,13 @@ class BottleneckHead(nn.Module):
         return F.linear(b, self.classifier.weight.detach(), self.classifier.bias.detach())
 
 
-def _swap_head(student: nn.Module, bottleneck_dim: int, num_classes: int) -> None:
-    """Put a :class:`BottleneckHead` in place of the student's linear classifier (in place)."""
-    path = classifier_path(student)
-    old = student.get_submodule(path)
-    ref = next(old.parameters())
-    head = BottleneckHead(old.in_features, bottleneck_dim, num_classes).to(ref.device, ref.dtype)
-    parent, _, attr = path.rpartition(".")
-    setattr(student.get_submodule(parent) if parent else student, attr, head)
+def _swap_head(student: nn.Module, bottleneck_dim: int, num_classes: int) -> int:
+    """Put a :class:`BottleneckHead` in place of the student's linear classifier (in place); returns the
+    classifier's input width."""
+    def build(old: nn.Linear) -> nn.Module:
+        return BottleneckHead(old.in_features, bottleneck_dim, num_classes).to(old.weight.device, old.weight.dtype)
+
+    return swap_classifier(student, build, "dsbf", "puts a bottleneck and a classifier in place of").in_features
 
 
 def projector(in_features: int, out_features: int) -> nn.Linear:
@@ -185,13 +184,7 @@ class DSBF(ERM):
                 "method dsbf filters the bias of the labelled domain with unlabelled training domains, but this run "
                 "has none: list them with data.unlabeled_domains=[...] (training domains whose labels are dropped), "
                 "keeping one labelled domain")
-        path = classifier_path(student)
-        old = student.get_submodule(path)
-        width = getattr(old, "in_features", None)
-        if not isinstance(width, int):
-            raise ConfigError(f"method dsbf replaces the student's linear classifier {path!r} by a bottleneck and a "
-                              f"classifier, but it is a {type(old).__name__}; use a zoo network (its `fc` is linear)")
-        _swap_head(student, c.bottleneck_dim, info.num_classes)
+        width = _swap_head(student, c.bottleneck_dim, info.num_classes)
         pools = max(1, self.num_pools)
         self.projectors = nn.ModuleList(projector(width, c.bottleneck_dim) for _ in range(pools))
         self.attention = DomainAttention(pools, c.bottleneck_dim, divisor=pools + 1)

@@ -14,9 +14,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..config import NON_NEGATIVE, POSITIVE, rules
-from ..errors import ConfigError
 from ..methods import BuildInfo, MethodConfig, StepContext, register_method
-from ..models.penultimate import classifier_path
+from ..models.penultimate import classifier_path, swap_classifier
 from ..nn import train_accuracy
 from ..nn.masking import step_tensor
 from .erm import ERM
@@ -80,9 +79,7 @@ def one_vs_all_head(net: nn.Module) -> OneVsAllHead:
 
 def _swap_head(student: nn.Module) -> None:
     """Put a :class:`OneVsAllHead` in place of the student's linear classifier (in place)."""
-    path = classifier_path(student)
-    parent, _, attr = path.rpartition(".")
-    setattr(student.get_submodule(parent) if parent else student, attr, OneVsAllHead(student.get_submodule(path)))
+    swap_classifier(student, OneVsAllHead, "medic", "puts a one-vs-all head beside")
 
 
 def binary_confidence(closed_logits: Tensor, binary_logits: Tensor) -> Tensor:
@@ -150,12 +147,6 @@ class MEDIC(ERM):
 
     def __init__(self, cfg: MethodConfig, student: nn.Module, info: BuildInfo):
         super().__init__(cfg, student, info)
-        path = classifier_path(student)
-        head = student.get_submodule(path)
-        if not isinstance(head, nn.Linear):
-            raise ConfigError(f"method medic puts a one-vs-all head beside the student's linear classifier, but "
-                              f"{path!r} is a {type(head).__name__}; use a zoo network (its classifier `fc` is "
-                              "linear)")
         _swap_head(student)
         k = info.num_classes
         self.group_length = (k - 1) // 10 + 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,11 +11,12 @@ from torch import Tensor, nn
 from ..config import NON_NEGATIVE, PROBABILITY, rules
 from ..errors import ConfigError
 from ..methods import BuildInfo, Inputs, MethodConfig, StepContext, register_method
-from ..models.penultimate import classifier_path
+from ..models.penultimate import swap_classifier
 from ..nn import train_accuracy
 from ..nn.dsbn import RoutedModule, SubsetBatchNorm2d, routing
 from ..nn.masking import FixedThreshold
 from ..nn.norm import replace_norm
+from .base import BranchEnsemble
 from .erm import ERM
 
 
@@ -100,17 +100,12 @@ def task_network(student: nn.Module, num_tasks: int) -> None:
         raise ConfigError(
             f"method multimatch gives every task its own BatchNorm, but {type(student).__name__} has no "
             "BatchNorm2d layer; use a network with BatchNorm (model.name=resnet8 or another ResNet of the zoo)")
-    path = classifier_path(student)
-    head = student.get_submodule(path)
-    if not isinstance(head, nn.Linear):
-        raise ConfigError(f"method multimatch gives every task its own linear classifier beside the student's "
-                          f"{path!r}, which is a {type(head).__name__}; use a zoo network (its `fc` is linear)")
-    parent, _, attr = path.rpartition(".")
-    setattr(student.get_submodule(parent) if parent else student, attr, TaskLinear(head, num_tasks))
+    swap_classifier(student, lambda head: TaskLinear(head, num_tasks), "multimatch",
+                    "gives every task its own linear classifier beside")
 
 
 @register_method("multimatch")
-class MultiMatch(ERM):
+class MultiMatch(BranchEnsemble, ERM):
     """Qi, Yang, Shi & Geng, "MultiMatch: Multi-task Learning for Semi-supervised Domain Generalization", ACM TOMM
     2024 (arXiv 2208.05853). Not to be confused with the semi-supervised text classifier of the same name.
 
@@ -146,6 +141,9 @@ class MultiMatch(ERM):
     start as copies of the student's BN layers and fresh linear layers. FixMatch's defaults apply: ``p_cutoff``
     0.95, ``lambda_u`` 1, weak and strong views (``data.augment`` is not used).
     """
+
+    ensemble = MultiMatchEnsemble
+    convert = staticmethod(task_network)
 
     inputs = Inputs(labeled=("weak",), unlabeled=("weak", "strong"), domains=True)
 
@@ -189,16 +187,8 @@ class MultiMatch(ERM):
         return {"loss": sup + c.lambda_u * unsup, "sup": sup.detach(), "unsup": unsup.detach(),
                 "train_acc": train_accuracy(zx_g, y)}
 
-    def deployable(self) -> nn.Module:
-        return MultiMatchEnsemble(self.student, self.num_tasks)
-
-    def deployable_spec(self) -> dict[str, Any] | None:
-        return {"kind": self.method_name, "num_tasks": int(self.num_tasks)}
-
-    @classmethod
-    def rebuild_deployable(cls, spec: dict[str, Any], student: nn.Module, info: dict[str, Any]) -> nn.Module:
-        task_network(student, int(spec["num_tasks"]))
-        return MultiMatchEnsemble(student, int(spec["num_tasks"]))
+    def branches(self) -> int:
+        return self.num_tasks
 
     def eval_heads(self) -> dict[str, nn.Module]:
         return {"global": self.student}

@@ -4,7 +4,6 @@ an ensemble of the single-domain paths and an optimised-normalisation main path 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,10 +12,11 @@ from torch import Tensor, nn
 from ..config import PROBABILITY, rules
 from ..errors import ConfigError
 from ..methods import BuildInfo, Inputs, MethodConfig, StepContext, register_method
-from ..models.penultimate import classifier_path
+from ..models.penultimate import swap_classifier
 from ..nn import train_accuracy
 from ..nn.dsbn import DomainSubsetNorm2d, RoutedModule, routing
 from ..nn.norm import replace_norm
+from .base import BranchEnsemble
 from .erm import ERM
 
 
@@ -70,18 +70,12 @@ def subset_network(student: nn.Module, num_domains: int) -> None:
             f"method normaug turns every BatchNorm2d of the student into domain-subset BN branches, but "
             f"{type(student).__name__} has no BatchNorm2d layer. Use a network with BatchNorm (model.name="
             "resnet8 or another ResNet of the zoo)")
-    path = classifier_path(student)
-    head = student.get_submodule(path)
-    if not isinstance(head, nn.Linear):
-        raise ConfigError(f"method normaug adds a linear classifier per domain subset beside the student's "
-                          f"classifier {path!r}, which is a {type(head).__name__}, not a linear layer; use a "
-                          "zoo network (its classifier `fc` is linear)")
-    parent, _, attr = path.rpartition(".")
-    setattr(student.get_submodule(parent) if parent else student, attr, BankHead(head, 1 << num_domains))
+    swap_classifier(student, lambda head: BankHead(head, 1 << num_domains), "normaug",
+                    "adds a linear classifier per domain subset beside")
 
 
 @register_method("normaug")
-class NormAUG(ERM):
+class NormAUG(BranchEnsemble, ERM):
     """Qi, Yang, Shi & Geng, "NormAUG: Normalization-guided Augmentation for Domain Generalization", IEEE TIP
     2024 (arXiv 2307.13492), in the form of its code (``trainers/normAug.py``, ``trainers/models/augModel.py``).
 
@@ -110,6 +104,9 @@ class NormAUG(ERM):
     holds ``2^D`` copies of every BN layer and of the classifier; branches the grouping never uses (the
     empty set, all domains, subsets of size 2..D-2) stay at their initial state, as in the code.
     """
+
+    ensemble = NormAUGEnsemble
+    convert = staticmethod(subset_network)
 
     inputs = Inputs(labeled=("weak", "strong"), domains=True)
     min_domains = 2
@@ -154,16 +151,8 @@ class NormAUG(ERM):
         return {"loss": aux + main, "aux": aux.detach(), "main": main.detach(),
                 "grouping": o.float(), "train_acc": train_accuracy(z_main, y)}
 
-    def deployable(self) -> nn.Module:
-        return NormAUGEnsemble(self.student, self.num_domains)
-
-    def deployable_spec(self) -> dict[str, Any] | None:
-        return {"kind": self.method_name, "num_domains": int(self.num_domains)}
-
-    @classmethod
-    def rebuild_deployable(cls, spec: dict[str, Any], student: nn.Module, info: dict[str, Any]) -> nn.Module:
-        subset_network(student, int(spec["num_domains"]))
-        return NormAUGEnsemble(student, int(spec["num_domains"]))
+    def branches(self) -> int:
+        return self.num_domains
 
     def eval_heads(self) -> dict[str, nn.Module]:
         return {"main": self.student}

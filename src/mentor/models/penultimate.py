@@ -12,9 +12,11 @@ works (the test networks of ``tests/_helpers.py`` included).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .stages import StageError
 from .tap import _mark
 
@@ -36,6 +38,22 @@ def classifier_path(net: nn.Module, name: str | None = None) -> str:
                          f"{'none' if not found else 'several: ' + ', '.join(found)}. Use a zoo network "
                          "(`mentor list models`) or name the classifier `fc`")
     return found[0]
+
+
+def swap_classifier(net: nn.Module, build: Callable[[nn.Linear], nn.Module], method: str, does: str) -> nn.Module:
+    """Replace ``net``'s linear classifier (found by :func:`classifier_path`) in place by ``build(old)`` and return
+    the new module. A classifier that is not an ``nn.Linear`` is one ConfigError: "method ``method``
+    ``does`` the student's classifier ..."."""
+    path = classifier_path(net)
+    old = net.get_submodule(path)
+    if not isinstance(old, nn.Linear):
+        raise ConfigError(f"method {method} {does} the student's classifier {path!r}, which is a "
+                          f"{type(old).__name__}, not a linear layer; use a zoo network (its classifier `fc` is "
+                          "linear)")
+    new = build(old)
+    parent, _, attr = path.rpartition(".")
+    setattr(net.get_submodule(parent) if parent else net, attr, new)
+    return new
 
 
 class PenultimateTap:
