@@ -10,14 +10,21 @@ from . import (  # noqa: F401  (importing registers the methods)
     dskd,
     fitnet,
     kd,
+    kdsvd,
     losses,
     mmkd,
     multi_teacher,
+    nst,
+    ofd,
     online,
+    pkt,
+    reviewkd,
     rkd,
     rld,
     semckd,
     simkd,
+    sp,
+    vid,
 )
 from .base import DistillConfig, Distiller, MultiTeacherConfig, MultiTeacherDistiller
 from .teacher import TeacherError, load_teacher

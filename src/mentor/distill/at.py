@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..config import POSITIVE, ConfigError, rules
+from ..config import POSITIVE, rules
 from ..methods import register_method
-from ..models import stage_names
-from .fitnet import FeatureDistiller, FeatureKDConfig
+from .fitnet import FeatureDistiller, FeatureKDConfig, pair_stages
 from .losses.feature import at_loss
 
 
@@ -34,16 +33,7 @@ class AT(FeatureDistiller):
 
     def layers(self) -> tuple[list[str], list[str]]:
         c = self.cfg
-        s = list(c.layers) or list(stage_names(self.student, "student")[1:])
-        t = list(c.teacher_layers) or (list(c.layers) if c.layers else list(stage_names(self.teacher, "teacher")[1:]))
-        if c.layers and c.teacher_layers and len(s) != len(t):
-            raise ConfigError(f"at: method.layers ({len(s)}) and method.teacher_layers ({len(t)}) must pair "
-                              "up one to one")
-        n = min(len(s), len(t))
-        if n == 0:
-            raise ConfigError("at: no layers to transfer attention from (method.layers is empty and the "
-                              "networks have no stage after the stem)")
-        return s[:n], t[:n]
+        return pair_stages(self.method_name, self.student, self.teacher, c.layers, c.teacher_layers)
 
     def feature_loss(self, fs, ft, batch):
         return at_loss(fs, ft, self.cfg.p), {}

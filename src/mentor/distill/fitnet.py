@@ -22,6 +22,49 @@ from .connectors import ConvRegressor, probe_shapes
 from .losses.feature import hint_loss
 
 
+def pair_stages(method: str, student: nn.Module, teacher: nn.Module, layers: Sequence[str],
+                teacher_layers: Sequence[str], align: str = "first") -> tuple[list[str], list[str]]:
+    """The (student, teacher) modules a stage-wise method taps, paired in order.
+
+    Empty ``layers`` means every stage after the stem (``layer1`` .. ``layerK``: the references'
+    ``feats[1:]``); empty ``teacher_layers`` means the student's names when ``layers`` is given, else the
+    teacher's stages after the stem. Stage lists of different lengths pair their first ``min(K_s, K_t)``
+    (``align="first"``, the references' ``zip``) or their last (``align="last"``, mdistiller's ``_align_list``);
+    explicit lists must have equal lengths. Names that are not modules are one error naming the recipe key.
+    """
+    s = list(layers) or list(stage_names(student, "student")[1:])
+    t = list(teacher_layers) or (list(layers) if layers else list(stage_names(teacher, "teacher")[1:]))
+    if layers and teacher_layers and len(s) != len(t):
+        raise ConfigError(f"{method}: method.layers ({len(s)}) and method.teacher_layers ({len(t)}) must pair "
+                          "up one to one")
+    n = min(len(s), len(t))
+    if n == 0:
+        raise ConfigError(f"{method}: no layers to distil (method.layers is empty and the networks have no "
+                          "stage after the stem)")
+    s, t = (s[:n], t[:n]) if align == "first" else (s[len(s) - n:], t[len(t) - n:])
+    check_modules(method, student, s, "method.layers", "student")
+    check_modules(method, teacher, t, "method.teacher_layers" if teacher_layers else "method.layers", "teacher")
+    return s, t
+
+
+def check_modules(method: str, model: nn.Module, names: list[str], key: str, role: str) -> None:
+    """Refuse names that are not sub-modules of ``model``, naming the recipe key and the modules there are."""
+    known = dict(model.named_modules())
+    missing = [n for n in names if not n or n not in known]
+    if missing:
+        top = ", ".join(n for n, _ in model.named_children())
+        raise ConfigError(f"{method}: {key} names {missing}, not modules of the {role} ({type(model).__name__}); "
+                          f"its top-level modules are {top} (nested ones as in named_modules(), e.g. layer2.0)")
+
+
+def check_maps(method: str, names: list[str], shapes: list[torch.Size], role: str) -> None:
+    """Refuse tapped features that are not feature maps ``[B, C, H, W]``, naming the module."""
+    for name, shape in zip(names, shapes):
+        if len(shape) != 4:
+            raise ConfigError(f"{method}: the {role} layer {name!r} outputs {tuple(shape)}, not a feature map "
+                              "[B, C, H, W]; name convolutional stages in method.layers / method.teacher_layers")
+
+
 @rules(kd_weight=NON_NEGATIVE, temperature=POSITIVE, beta=NON_NEGATIVE)
 @dataclass
 class FeatureKDConfig(DistillConfig):
@@ -79,8 +122,14 @@ class FeatureDistiller(Distiller):
         zs = self.student(x)
         fs = [self.s_tap[n] for n in self.s_names]
         feat, extra = self.feature_loss(fs, ft, batch)
-        terms = {"kd": soft_kl(zs, zt, c.temperature), self.term: feat, **extra}
-        return self.combine(zs, y, terms, {"kd": c.kd_weight, self.term: c.beta})
+        weight, logged = self.feature_weight(ctx)
+        terms = {"kd": soft_kl(zs, zt, c.temperature), self.term: feat, **extra, **logged}
+        return self.combine(zs, y, terms, {"kd": c.kd_weight, self.term: weight})
+
+    def feature_weight(self, ctx: StepContext) -> tuple[float | Tensor, dict[str, Tensor]]:
+        """The weight of the feature term at this step (``beta``; a method with a warm-up scales it) and any
+        number to log with it."""
+        return self.cfg.beta, {}
 
 
 @register_method("fitnet")

@@ -27,6 +27,13 @@ BUILTIN: dict[str, str] = {
     "dml": "mentor.distill.online",
     "okddip": "mentor.distill.online",
     "mbd": "mentor.distill.online",
+    "nst": "mentor.distill.nst",
+    "pkt": "mentor.distill.pkt",
+    "sp": "mentor.distill.sp",
+    "vid": "mentor.distill.vid",
+    "ofd": "mentor.distill.ofd",
+    "reviewkd": "mentor.distill.reviewkd",
+    "kdsvd": "mentor.distill.kdsvd",
     # data-free distillation
     "dafl": "mentor.datafree.dafl",
     "zskt": "mentor.datafree.zskt",
