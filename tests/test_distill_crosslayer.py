@@ -1,5 +1,6 @@
 """SimKD, SemCKD and DSKD: their losses against plain-math computations, SimKD's deployable network,
-SemCKD's batch-size independence, DSKD's layer weights, and short runs on the Fashion-MNIST subset."""
+the batch-size independence of SemCKD's pooled variant, DSKD's layer weights, and short runs on the
+Fashion-MNIST subset."""
 
 import dataclasses
 import json
@@ -8,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import make_distiller as make
 from conftest import FMNIST_SMALL, HAVE_FMNIST, needs_fmnist
 
 import mentor.distill.dskd  # noqa: F401  (registers)
@@ -15,29 +17,7 @@ import mentor.distill.semckd  # noqa: F401
 import mentor.distill.simkd  # noqa: F401
 from mentor.distill.losses.crosslayer import dskd_weights, semckd_attention, semckd_loss, simkd_loss
 from mentor.distill.simkd import ReusedHeadNet
-from mentor.engine import checkpoint as ckpt
-from mentor.methods import BuildInfo, StepContext, create_method
-from mentor.models import create_model
-
-
-def random_teacher(tmp_path, name):
-    """A checkpoint of an untrained zoo network in the format `mentor train` writes (best.pt)."""
-    net = create_model(name, num_classes=10, in_channels=1)
-    path = tmp_path / f"{name}.pt"
-    ckpt.atomic_save({"model": net.state_dict(), "info": {"model": name, "num_classes": 10, "in_channels": 1,
-                                                          "image_size": 28, "dataset": "test",
-                                                          "method": "supervised"}}, path)
-    return str(path)
-
-
-def make(method, tmp_path, teacher="resnet14", student="resnet8", batch_size=8, seed=0, **hp):
-    torch.manual_seed(seed)
-    m = create_method(method, create_model(student, num_classes=10, in_channels=1), BuildInfo(),
-                      teacher=random_teacher(tmp_path, teacher), **hp)
-    batch = {"x": torch.randn(batch_size, 1, 28, 28), "y": torch.arange(batch_size) % 10}
-    m.setup(batch)
-    return m, batch
-
+from mentor.methods import StepContext
 
 # -- losses against independent computations -------------------------------------------------------
 
@@ -145,10 +125,11 @@ def test_simkd_deployable_is_student_backbone_projector_teacher_head(tmp_path, t
     assert torch.allclose(other.predict(x), manual, atol=1e-5)
 
 
-# -- SemCKD: batch-size independent queries/keys --------------------------------------------------
+# -- SemCKD's pooled variant: batch-size independent queries/keys ---------------------------------
+# (the paper's similarity-matrix form: tests/test_distill_paper_forms.py)
 
-def test_semckd_runs_on_two_batch_sizes_and_attention_rows_sum_to_one(tmp_path):
-    m, batch = make("semckd", tmp_path, teacher="wrn_16_1", batch_size=8)
+def test_semckd_pooled_runs_on_two_batch_sizes_and_attention_rows_sum_to_one(tmp_path):
+    m, batch = make("semckd", tmp_path, teacher="wrn_16_1", batch_size=8, attention_input="pooled")
     m.train()
     for bsz in (8, 5):
         b = {"x": batch["x"][:bsz], "y": batch["y"][:bsz]}

@@ -6,6 +6,7 @@ Zhang, Chen & Wang, "Adaptive Multi-Teacher Knowledge Distillation with Meta-Lea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,10 @@ from torch.func import functional_call
 from ..config import COUNT, MANY, NON_NEGATIVE, POSITIVE, ConfigError, between, rules
 from ..methods import Phase, StepContext, register_method
 from ..nn import align_spatial, mlp
+from .losses.crosslayer import sample_similarity
 from .losses.multi import multi_teacher_feature_loss, multi_teacher_kd_loss
 from .multi_teacher import FeatureMKD, FeatureMKDConfig
+from .semckd import fixed_batch_error
 
 # The virtual steps' learning rate when neither method.virtual_lr nor the engine (ctx.lrs) gives one:
 # the base lr of the CIFAR recipe MMKD was tuned with.
@@ -42,14 +45,34 @@ class LogitWeightNet(WeightNet):
 
 
 class FeatureWeightNet(WeightNet):
-    """MMKD's feature weights, from the last feature maps of every teacher and of the (detached) student.
+    """MMKD's feature weights, as its code builds them (``models/meta_util.py::FeatureWeight``): per
+    sample b, the concatenation of its rows of the batch's similarity matrices ``A = F F^T`` [B, B] of
+    every teacher's last feature map, then of the (detached) student's
+    (:func:`~mentor.distill.losses.sample_similarity`), B (K + 1) values -> the weight MLP, in float32.
+    The input width is tied to the batch size fixed at setup (the reference skips incomplete
+    batches): only batches of ``batch_size`` are accepted, and a sample's weights depend on the rest
+    of its batch. The matrices are not normalised (as in the reference): a last map's dot products
+    run into the thousands, so the softmax is typically saturated from initialisation on: one-hot
+    weights in float32, and no meta gradient reaches this network (seen with ResNet teachers on
+    Fashion-MNIST at batch 64; ``pooled`` does not saturate)."""
 
-    The reference feeds the B x B Gram matrices of the flattened maps, so the network's input size is
-    the training batch size (incomplete batches are skipped, another batch size cannot be evaluated).
-    Here each map is global-average-pooled and L2-normalised per sample instead, and the vectors are
-    concatenated: the input size is the sum of the channel counts, independent of the batch size,
-    and a sample's weights do not depend on which other samples share its batch.
-    """
+    def __init__(self, batch_size: int, num_teachers: int):
+        super().__init__(batch_size * (num_teachers + 1), num_teachers)
+        self.batch_size = batch_size
+
+    def forward(self, teacher_maps: list[Tensor], student_map: Tensor) -> Tensor:
+        if student_map.shape[0] != self.batch_size:
+            raise fixed_batch_error("method.feature_weight_input", self.batch_size, student_map.shape[0])
+        with torch.autocast(student_map.device.type, enabled=False):
+            state = torch.cat([sample_similarity(f) for f in [*teacher_maps, student_map.detach()]], 1)
+            return super().forward(state)
+
+
+class PooledFeatureWeightNet(WeightNet):
+    """The pooled variant of the feature weights (this library's, not MMKD's): each last feature map
+    (every teacher's, then the detached student's) is global-average-pooled and L2-normalised per
+    sample, and the vectors are concatenated: the input size is the sum of the channel counts,
+    independent of the batch size, and a sample's weights do not depend on the rest of its batch."""
 
     def forward(self, teacher_maps: list[Tensor], student_map: Tensor) -> Tensor:
         pooled = [F.normalize(f.float().mean((-2, -1)), dim=1) for f in [*teacher_maps, student_map.detach()]]
@@ -70,7 +93,9 @@ class MMKDConfig(FeatureMKDConfig):
     ``convs``: the README passes ``--convs``, but the reference calls ``Embed(s_n, t_n, convs)``
     against the signature ``(dim_in, dim_out, factor=2, convs=False)``, so the flag lands in
     ``factor`` and the conv1x1 Embed is what ran; we default to what ran (False), and True builds the
-    intended bottleneck.
+    intended bottleneck. ``feature_weight_input``: the feature-weight network reads the batch's
+    sample-similarity matrices (``similarity``, the reference's form, :class:`FeatureWeightNet`) or the
+    pooled maps (``pooled``, a variant of this library, :class:`PooledFeatureWeightNet`).
     """
 
     feat_weight: float = 100.0
@@ -82,6 +107,7 @@ class MMKDConfig(FeatureMKDConfig):
     virtual_lr: float | None = None
     hard_buffer: bool = True
     buffer_size: int = 256
+    feature_weight_input: Literal["similarity", "pooled"] = "similarity"
 
 
 @register_method("mmkd")
@@ -91,8 +117,10 @@ class MMKD(FeatureMKD):
 
     Student phase (every step): ``CE + kd_weight * sum_k w_k KL_k + feat_weight * sum_k v_k MSE_k``,
     with per-sample logit weights ``w`` and feature weights ``v`` from two small weight networks
-    (held fixed here), the student's last map pooled to the smaller of the two sizes and mapped by
-    ``Embed_k`` to teacher k's channels. Misclassified samples enter a hard-sample ring buffer.
+    (held fixed here; ``v`` from the batch's sample-similarity matrices of the last maps, as in the
+    reference, unless ``feature_weight_input=pooled``), the student's last map pooled to the smaller of
+    the two sizes and mapped by ``Embed_k`` to teacher k's channels. Misclassified samples enter a
+    hard-sample ring buffer.
 
     Meta phase (every ``meta_every`` steps): on a batch drawn from the buffer, a differentiable copy
     of the student and its Embeds takes ``virtual_steps`` SGD steps on the distillation terms (and
@@ -116,7 +144,10 @@ class MMKD(FeatureMKD):
         f_s, f_t = self.last_maps()
         k = len(self.teachers)
         self.logit_net = LogitWeightNet(self.info.num_classes * (k + 1), k).to(x.device)
-        self.feat_net = FeatureWeightNet(sum(f.shape[1] for f in [*f_t, f_s]), k).to(x.device)
+        if self.cfg.feature_weight_input == "similarity":
+            self.feat_net = FeatureWeightNet(x.shape[0], k).to(x.device)
+        else:
+            self.feat_net = PooledFeatureWeightNet(sum(f.shape[1] for f in [*f_t, f_s]), k).to(x.device)
         if self.cfg.hard_buffer:
             # On the device and in the checkpoint: filled by masked writes, never read by the host.
             n = self.cfg.buffer_size
@@ -236,4 +267,4 @@ class MMKD(FeatureMKD):
         return torch.where(full, self.hard_x[idx].to(x.dtype), x), torch.where(full, self.hard_y[idx], y)
 
 
-__all__ = ["FeatureWeightNet", "LogitWeightNet", "MMKD", "MMKDConfig", "WeightNet"]
+__all__ = ["FeatureWeightNet", "LogitWeightNet", "MMKD", "MMKDConfig", "PooledFeatureWeightNet", "WeightNet"]

@@ -1,13 +1,15 @@
 """Multi-teacher KD with per-sample teacher weights: the average, EBKD and CA-MKD.
 
 All three distil ``CE + kd_weight * sum_k w_k * T^2 KL(p_k || p_s)`` with weights that sum to one
-per sample (:mod:`mentor.distill.losses.multi`); they differ in the weights, and CA-MKD adds a
-confidence-weighted intermediate-feature term.
+per sample (:mod:`mentor.distill.losses.multi`; EBKD's ``weight_norm=camkd`` keeps the CA-MKD code's
+unnormalised weights); they differ in the weights, and CA-MKD adds a confidence-weighted
+intermediate-feature term.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,14 +62,43 @@ class AvgMKD(MultiTeacherDistiller):
         return out
 
 
+@dataclass
+class EBKDConfig(MultiKDConfig):
+    """``weight_norm``: ``one`` (default) normalises the per-sample weights to sum to one; ``camkd``
+    keeps the raw weights and divides by K, the EBKD baseline of the CA-MKD code."""
+
+    weight_norm: Literal["one", "camkd"] = "one"
+
+
 @register_method("ebkd")
 class EBKD(AvgMKD):
     """Entropy-weighted multi-teacher KD: a confident (low-entropy) teacher counts more, per sample
-    (Kwon et al., "Adaptive Knowledge Distillation Based on Entropy", ICASSP 2020). The weights are
-    normalised to sum to one (:func:`~mentor.distill.losses.teacher_weights_entropy`)."""
+    (Kwon et al., "Adaptive Knowledge Distillation Based on Entropy", ICASSP 2020), with the raw
+    weights ``w_k = 1 - H_k / sum_j H_j`` (entropies of the teachers' softmax at T = 1,
+    :func:`~mentor.distill.losses.teacher_weights_entropy`), which sum to K - 1 per sample.
+
+    Scale: with ``weight_norm=one`` (the default) the weights are divided by K - 1 so that they sum to
+    one, as every weighting of this module does (K identical teachers give single-teacher KD); the KD
+    term is then ``mean_b sum_k w_k T^2 KL_k``, which is **K/(K - 1) times** the EBKD baseline of the
+    CA-MKD code (``sum_{b,k} raw_k T^2 KL_k / (B K)``): 1.5x with three teachers, so the same
+    ``kd_weight`` distils more strongly than in the CA-MKD table. ``weight_norm=camkd`` uses the raw
+    weights and the reference's 1/K (needs two teachers at least: with one, the raw weight is 0),
+    reproducing that baseline's loss.
+    """
+
+    Config = EBKDConfig
+
+    def __init__(self, cfg, student, info):
+        super().__init__(cfg, student, info)
+        if cfg.weight_norm == "camkd":
+            if len(self.teachers) < 2:
+                raise ConfigError("ebkd: method.weight_norm=camkd reproduces the CA-MKD code's EBKD baseline, whose "
+                                  "raw weights 1 - H_k / sum_j H_j are all 0 with a single teacher: give at least two "
+                                  "method.teachers, or set method.weight_norm=one")
+            self.kd_scale = 1.0 / len(self.teachers)
 
     def teacher_weights(self, teacher_logits: Tensor, target: Tensor) -> Tensor:
-        return teacher_weights_entropy(teacher_logits)
+        return teacher_weights_entropy(teacher_logits, normalize=self.cfg.weight_norm == "one")
 
 
 # -- features ---------------------------------------------------------------------------------------
@@ -197,5 +228,5 @@ class CAMKD(FeatureMKD):
         return out
 
 
-__all__ = ["AvgMKD", "CAMKD", "EBKD", "Embed", "Embeds", "FeatureMKD", "MultiKDConfig", "last_map_name",
+__all__ = ["AvgMKD", "CAMKD", "EBKD", "EBKDConfig", "Embed", "Embeds", "FeatureMKD", "MultiKDConfig", "last_map_name",
            "resize_to"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["dskd_weights", "semckd_attention", "semckd_loss", "simkd_loss"]
+__all__ = ["dskd_weights", "sample_similarity", "semckd_attention", "semckd_loss", "simkd_loss"]
 
 
 def _check_pair(s: Tensor, t: Tensor, what: str) -> None:
@@ -30,17 +30,33 @@ def simkd_loss(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     return F.mse_loss(student_feat.float(), teacher_feat.float())
 
 
-def semckd_attention(query: Tensor, key: Tensor) -> Tensor:
+def sample_similarity(feat: Tensor) -> Tensor:
+    """The batch's sample-similarity matrix ``A = F F^T`` [B, B] of a feature ``[B, ...]`` flattened to
+    ``F`` [B, D]: ``A[a, b]`` is the dot product of samples a and b (not normalised), as SemCKD's
+    ``SelfA`` and MMKD's ``FeatureWeight`` build it. Computed in float32 with autocast off (in half
+    precision the sums over D round coarsely and overflow float16)."""
+    if feat.dim() < 2:
+        raise ValueError(f"sample_similarity: expected a batch of features [B, ...], got shape {tuple(feat.shape)}")
+    with torch.autocast(feat.device.type, enabled=False):
+        flat = feat.float().reshape(feat.shape[0], -1)
+        return flat @ flat.t()
+
+
+def semckd_attention(query: Tensor, key: Tensor, temperature: float = 1.0) -> Tensor:
     """Per-sample attention of every student layer over the teacher layers (SemCKD's semantic
     calibration; Chen et al., "Cross-Layer Distillation with Semantic Calibration", AAAI 2021).
 
     ``query``: [B, N_s, d], one embedding per sample and student layer; ``key``: [B, N_t, d].
-    Returns alpha [B, N_s, N_t] = softmax over j of <q_{b,i}, k_{b,j}>; each row sums to one.
+    Returns alpha [B, N_s, N_t] = softmax over j of <q_{b,i}, k_{b,j}> / temperature; each row sums
+    to one. The SemCKD code has no temperature (1); the copy in the SimKD code divides by ``--soft``
+    (default 1).
     """
     if query.dim() != 3 or key.dim() != 3 or query.shape[0] != key.shape[0] or query.shape[2] != key.shape[2]:
         raise ValueError(f"semckd_attention: expected query [B, N_s, d] and key [B, N_t, d], got "
                          f"{tuple(query.shape)} and {tuple(key.shape)}")
-    return torch.softmax(torch.bmm(query.float(), key.float().transpose(1, 2)), dim=-1)
+    if temperature <= 0:
+        raise ValueError(f"semckd_attention: temperature must be > 0, got {temperature}")
+    return torch.softmax(torch.bmm(query.float(), key.float().transpose(1, 2)) / temperature, dim=-1)
 
 
 def semckd_loss(student_feats: Sequence[Sequence[Tensor]], teacher_feats: Sequence[Sequence[Tensor]],
@@ -77,11 +93,11 @@ def dskd_weights(losses: Tensor, temperature: float = 1.0) -> Tensor:
     """Loss-based weights of the shallow-layer terms of DSKD (Luo, Chen & Wang, "Knowledge
     Distillation with Deep Supervision", IJCNN 2023), as this library designs them.
 
-    The paper's abstract names "a loss-based weight allocation strategy" without a formula (no code
-    is public). Design choice, not the paper's: w = softmax(-losses / temperature), computed on
-    detached losses, so the weights sum to one, a layer that currently fits the teacher worse gets
-    less weight (a very shallow layer cannot dominate the gradient the deeper layers rely on), and
-    no gradient flows through the weights.
+    The paper's abstract names "a loss-based weight allocation strategy" without a formula; its full
+    text and code could not be obtained. Design choice, not the paper's: w = softmax(-losses /
+    temperature), computed on detached losses, so the weights sum to one, a layer that currently
+    fits the teacher worse gets less weight (a very shallow layer cannot dominate the gradient the
+    deeper layers rely on), and no gradient flows through the weights.
     """
     if losses.dim() != 1 or losses.numel() == 0:
         raise ValueError(f"dskd_weights: expected a 1-D tensor of per-layer losses, got shape {tuple(losses.shape)}")

@@ -26,21 +26,25 @@ def teacher_weights_average(num_teachers: int, batch_size: int, device: torch.de
     return torch.full((num_teachers, batch_size), 1.0 / num_teachers, device=device, dtype=dtype)
 
 
-def teacher_weights_entropy(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+def teacher_weights_entropy(teacher_logits: Tensor, temperature: float = 1.0, normalize: bool = True) -> Tensor:
     """EBKD weights (Kwon et al., "Adaptive Knowledge Distillation Based on Entropy", 2020), ``[K, B]``.
 
     ``w_k = 1 - H_k / sum_j H_j`` per sample, with ``H_k`` the entropy of softmax(z_k / T) (T = 1 in the
     CA-MKD code's EBKD baseline): a confident (low-entropy) teacher gets more weight. These raw weights
-    sum to K - 1 per sample; they are divided by their per-sample sum, i.e. by K - 1, so they sum to
-    one. (The CA-MKD code keeps them unnormalised and divides the loss by B*K, which is
-    (K - 1)/K times the loss with these weights.) If every teacher is exactly one-hot (all H_k = 0),
-    the weights are uniform; one teacher gets weight 1.
+    sum to K - 1 per sample. With ``normalize`` (the default) they are divided by their per-sample sum,
+    i.e. by K - 1, so they sum to one; if every teacher is exactly one-hot (all H_k = 0) the weights
+    are then uniform, and one teacher gets weight 1. ``normalize=False`` returns the raw weights, as
+    the CA-MKD code uses them (it divides the weighted KL sum by B*K, so its loss is (K - 1)/K times
+    the loss with the normalised weights); all-one-hot teachers then get 1 each (the reference
+    divides 0 by 0) and one teacher gets 0.
     """
     k = teacher_logits.shape[0]
-    if k == 1:
-        return torch.ones(teacher_logits.shape[:2], device=teacher_logits.device)
     h = entropy(teacher_logits, temperature)  # [K, B], float32
     raw = 1.0 - h / h.sum(0, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+    if not normalize:
+        return raw
+    if k == 1:
+        return torch.ones(teacher_logits.shape[:2], device=teacher_logits.device)
     return raw / raw.sum(0, keepdim=True)
 
 
