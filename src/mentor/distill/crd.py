@@ -32,6 +32,20 @@ class CRD(FeatureDistiller):
     training data loader does (mode "exact"); ``uniform`` from all samples, the paper's noise
     distribution. The bank, the NCE normalisers and the negative-sampling stream are module state,
     so checkpoints resume exactly. The bank is indexed by ``batch["index"]``.
+
+    Under DDP (``W`` processes of batch ``B`` against one process of batch ``W * B``):
+
+    - equal: the memory bank, both views and the labels. Every rank gathers the batch's indices,
+      embeddings and labels of all ranks (rank order, the rows of the one-process batch) and applies
+      the same momentum update, so every rank holds, bit for bit, the same bank, the one the
+      one-process run holds given the same embeddings. The bank is ``rank_synced``: broadcast from
+      rank 0 once when the engine wraps the method, never by DDP's per-step buffer broadcast.
+    - equal on every rank: the NCE normalisers Z, estimated on the first step over the scores of the
+      whole global batch.
+    - not equal to the one-process run: the negatives. Each rank draws its ``nce_k`` negatives per
+      anchor from its own stream (seeded with the rank), so the scores, hence Z, the loss and the
+      gradients, and from the next step on the embeddings the bank takes, differ from the
+      one-process run's; each anchor still gets ``nce_k`` fresh negatives, as in the reference.
     """
 
     @rules(feat_dim=COUNT, nce_k=COUNT, nce_t=POSITIVE, nce_m=DECAY)

@@ -65,3 +65,16 @@ def all_reduce_max(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.enabled:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def broadcast_from_main(tensors: list[torch.Tensor], d: Dist) -> None:
+    """Copy rank 0's value of every tensor into every rank's, in place (a no-op for one process)."""
+    if not d.enabled:
+        return
+    for t in tensors:
+        if t.is_contiguous():
+            dist.broadcast(t, src=0)
+        else:
+            dense = t.contiguous()
+            dist.broadcast(dense, src=0)
+            t.copy_(dense)

@@ -15,7 +15,9 @@ are static and every update runs on the device without reading a value back to t
 pointers are tensors): a step that uses them can be captured as a CUDA graph. Under DDP each update first
 gathers every rank's rows in rank order, which is the row order of a one-process run of the global batch
 (rank ``r`` holds rows ``[r*B, (r+1)*B)`` of it), so every rank holds the same memory, equal to that
-run's.
+run's. The memories say so with ``rank_synced = True``: the engine leaves their buffers out of DDP's
+buffer broadcast (:meth:`mentor.methods.Method.rank_synced_buffers`), which would copy rank 0's whole
+memory before every forward for nothing.
 """
 
 from __future__ import annotations
@@ -70,6 +72,16 @@ def _gather(parts: Tensor | Sequence[Tensor]) -> Tensor:
     return torch.cat([all_gather_cat(p.detach()) for p in parts])
 
 
+def last_writer(index: Tensor, size: int) -> Tensor:
+    """For each position ``b`` of ``index`` (entries of a table of ``size`` rows), the position of the last
+    occurrence of ``index[b]``: the batch row that writes that entry when a later occurrence overwrites an
+    earlier one, as a sequential loop would. Every occurrence of an index then carries the same row, so an
+    indexed write gives the same table whatever order the device applies it in. No host synchronisation."""
+    pos = torch.arange(index.numel(), device=index.device)
+    writer = torch.full((size,), -1, dtype=torch.long, device=index.device)
+    return writer.scatter_reduce_(0, index, pos, "amax")[index]
+
+
 def ring_positions(ptr: Tensor, n: int, size: int) -> Tensor:
     """The slots ``ptr, ptr + 1, ... ptr + n - 1`` modulo ``size`` of a ring buffer (``ptr`` a 0-d long
     tensor)."""
@@ -90,6 +102,9 @@ class LabeledMemoryBank(nn.Module):
     device. Under DDP the ranks' embeddings, labels and indices are gathered first.
     """
 
+    #: every update gathers all DDP ranks' rows: the bank is equal on every rank, out of DDP's broadcast
+    rank_synced = True
+
     def __init__(self, size: int, dim: int, momentum: float = 0.0):
         super().__init__()
         if size < 1 or dim < 1:
@@ -106,9 +121,7 @@ class LabeledMemoryBank(nn.Module):
         features = features.to(self.features.dtype)
         # The batch position that writes each entry (its last occurrence); every occurrence of an index
         # then carries the same row, so the order in which the device applies them does not matter.
-        pos = torch.arange(index.numel(), device=index.device)
-        writer = torch.full((self.size,), -1, dtype=torch.long, device=index.device)
-        src = writer.scatter_reduce_(0, index, pos, "amax")[index]
+        src = last_writer(index, self.size)
         new = features[src]
         if self.momentum > 0:
             new = F.normalize(self.momentum * self.features[index] + (1.0 - self.momentum) * new, dim=1)
@@ -128,6 +141,9 @@ class FeatureQueue(nn.Module):
     a multiple of the rows per push, as USB's sizing (``queue_batch`` batches) makes it. Under DDP every
     part is gathered over the ranks first (:func:`_gather`).
     """
+
+    #: every push gathers all DDP ranks' rows: the queue is equal on every rank, out of DDP's broadcast
+    rank_synced = True
 
     def __init__(self, size: int, dim: int, num_classes: int):
         super().__init__()
@@ -153,4 +169,4 @@ class FeatureQueue(nn.Module):
         self.ptr.copy_((self.ptr + n) % self.size)
 
 
-__all__ = ["EmbeddingHead", "FeatureQueue", "LabeledMemoryBank", "ring_positions", "similarity"]
+__all__ = ["EmbeddingHead", "FeatureQueue", "LabeledMemoryBank", "last_writer", "ring_positions", "similarity"]

@@ -9,6 +9,10 @@ paper's Eq. 18 and a noise distribution uniform over the N samples.
 Nothing here reads a tensor value on the host: negatives are drawn on the device with a
 ``torch.Generator``, the NCE normaliser is set with a device-side select, and the bank is updated with
 index writes, so a training step never waits for the device.
+
+Under DDP the bank and the normaliser are kept equal on every rank by the modules themselves (each
+update gathers every rank's batch), so they are ``rank_synced``: the engine leaves them out of DDP's
+buffer broadcast, which would copy rank 0's whole bank before every forward.
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...nn.masking import all_gather_cat, distributed
+from ...nn.memory import last_writer
+
 __all__ = ["CRDLoss", "MemoryBank", "NCE", "nce_log_z", "nce_loss"]
 
 # Rounds of redrawing the negatives that share the anchor's label; with C balanced classes a
@@ -27,20 +34,8 @@ __all__ = ["CRDLoss", "MemoryBank", "NCE", "nce_log_z", "nce_loss"]
 _REDRAW_ROUNDS = 4
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_gather(t: Tensor) -> Tensor:
-    """``t`` of every rank, concatenated along dim 0 (the ranks' batches have equal sizes)."""
-    _, world = _world()
-    if world == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+def _rank() -> int:
+    return dist.get_rank() if distributed() else 0
 
 
 class MemoryBank(nn.Module):
@@ -51,8 +46,16 @@ class MemoryBank(nn.Module):
     with the module and go into checkpoints; the negative-sampling stream (a seed and a draw counter)
     is the module's extra state, so a resumed run draws the same negatives. The initial rows are
     uniform in [-sqrt(3/dim), sqrt(3/dim)], i.e. of norm about 1, as in the reference code.
-    Under DDP, :meth:`update` gathers every rank's batch so all ranks hold the same bank.
+
+    Under DDP, :meth:`update` gathers every rank's indices, embeddings and labels (in rank order: the
+    rows of the one-process global batch) and applies the same update on every rank, so every rank
+    holds the bank one process with the global batch would hold (``rank_synced``: the engine keeps it
+    out of DDP's buffer broadcast). :meth:`sample` draws each rank's negatives from its own stream
+    (the rank is part of the seed), so the negatives are not those of the one-process run.
     """
+
+    #: every update gathers all DDP ranks' batches: the bank is equal on every rank, out of DDP's broadcast
+    rank_synced = True
 
     def __init__(self, size: int, dim: int, views: int = 1, momentum: float = 0.5, seed: int | None = None):
         super().__init__()
@@ -86,7 +89,7 @@ class MemoryBank(nn.Module):
         device = self.memory.device
         if self._gen is None or self._gen.device != device:
             self._gen = torch.Generator(device=device)
-        rank, _ = _world()
+        rank = _rank()
         # Reseeded from (seed, draw, rank) on every draw: the stream depends on nothing but this
         # module's state, so resuming from a checkpoint continues it exactly.
         self._gen.manual_seed((self.seed * 6364136223846793005 + self.draws * 1442695040888963407 + rank) % 2**63)
@@ -129,19 +132,27 @@ class MemoryBank(nn.Module):
     def update(self, index: Tensor, embeddings: Tensor, labels: Tensor | None = None) -> None:
         """``memory[v, i] <- normalise(m * memory[v, i] + (1 - m) * e_v)`` for each sample ``i`` of
         the batch and each view ``v``; ``embeddings`` is [views, B, dim] (or [B, dim] for one view).
-        Also records ``labels`` when given."""
+        Also records ``labels`` when given.
+
+        As the reference's ``ContrastMemory`` (rows read with ``index_select``, averaged, renormalised,
+        written with ``index_copy_``): every new row is computed from the bank as it was before the
+        update, and an index that occurs twice in a batch keeps its last occurrence's row (the
+        reference leaves that choice to the device on a GPU). Under DDP the batch is every rank's,
+        gathered in rank order."""
         emb = embeddings.detach()
         if emb.dim() == 2:
             emb = emb[None]
         if emb.shape[0] != self.memory.shape[0] or emb.shape[2] != self.dim:
             raise ValueError(f"MemoryBank.update: embeddings {tuple(emb.shape)} do not fit a bank of "
                              f"{self.memory.shape[0]} views x {self.dim} dims")
-        emb = _all_gather(emb.transpose(0, 1).to(self.memory.dtype)).transpose(0, 1)
-        index = _all_gather(index)
+        emb = all_gather_cat(emb.transpose(0, 1).to(self.memory.dtype)).transpose(0, 1)
+        index = all_gather_cat(index).to(device=self.memory.device, dtype=torch.long)
+        src = last_writer(index, self.size)
         m = self.momentum
-        self.memory[:, index] = F.normalize(self.memory[:, index] * m + emb * (1.0 - m), dim=-1)
+        new = F.normalize(self.memory[:, index] * m + emb[:, src] * (1.0 - m), dim=-1)
+        self.memory.index_copy_(1, index, new)
         if labels is not None:
-            self.labels[index] = _all_gather(labels).to(self.labels)
+            self.labels.index_copy_(0, index, all_gather_cat(labels).to(self.labels)[src])
 
 
 def nce_log_z(scores: Tensor, n_data: int, temperature: float = 0.07) -> Tensor:
@@ -183,7 +194,14 @@ class NCE(nn.Module):
     instead of a Python ``if`` on a tensor value, so no step syncs with the host (the estimate costs
     one logsumexp over scores already computed). The buffer goes into checkpoints, so a resumed run
     keeps the first batch's Z.
+
+    Under DDP the estimate is over the scores of the global batch (each rank's logsumexp is gathered:
+    one number per rank and call), so Z is the same on every rank (``rank_synced``); each rank's scores
+    are against its own negatives.
     """
+
+    #: the estimate is over every DDP rank's scores: Z is equal on every rank, out of DDP's broadcast
+    rank_synced = True
 
     def __init__(self, n_data: int, temperature: float = 0.07):
         super().__init__()
@@ -191,8 +209,16 @@ class NCE(nn.Module):
         self.temperature = float(temperature)
         self.register_buffer("z", torch.zeros(()))
 
+    def _log_z(self, scores: Tensor) -> Tensor:
+        """:func:`nce_log_z` over the scores of every rank (the ranks' batches have equal shapes)."""
+        if not distributed():
+            return nce_log_z(scores, self.n_data, self.temperature)
+        logits = scores.detach().float() / self.temperature
+        lse = torch.logsumexp(all_gather_cat(torch.logsumexp(logits.flatten(), 0)[None]), 0)
+        return math.log(self.n_data) + lse - math.log(logits.numel() * dist.get_world_size())
+
     def forward(self, scores: Tensor) -> Tensor:
-        estimate = nce_log_z(scores, self.n_data, self.temperature).exp()
+        estimate = self._log_z(scores).exp()
         z = torch.where(self.z > 0, self.z, estimate.to(self.z))
         self.z.copy_(z)
         return nce_loss(scores, self.n_data, self.temperature, z.log())
@@ -207,7 +233,8 @@ class CRDLoss(nn.Module):
     ``(student-anchored, teacher-anchored)``: the student embedding against the teacher memory,
     and the teacher embedding against the student memory. The same negatives serve both. Then the
     bank takes the batch (momentum update). ``labels`` draws the negatives from other classes
-    (:meth:`MemoryBank.sample`).
+    (:meth:`MemoryBank.sample`). Under DDP the bank update and the normalisers are over the global
+    batch (equal on every rank), the negatives are each rank's own.
     """
 
     def __init__(self, n_data: int, dim: int = 128, k: int = 16384, temperature: float = 0.07,
