@@ -1,6 +1,8 @@
 """DSKD: the teacher's predictions and features supervise the student's shallow stages too.
 
 Luo, Chen & Wang, "Knowledge Distillation with Deep Supervision", IJCNN 2023 (arXiv 2202.07846).
+Only the paper's abstract is available (see :class:`DSKD` for what comes from it and what is designed
+here); the authors' repository (github.com/luoshiya/DSKD) holds a one-line README and no code.
 """
 
 from __future__ import annotations
@@ -23,10 +25,19 @@ from .losses.crosslayer import dskd_weights, simkd_loss
 class DSKD(Distiller):
     """Deeply-supervised KD (Luo, Chen & Wang, "Knowledge Distillation with Deep Supervision", IJCNN 2023).
 
-    The abstract says DSKD "fully utilizes class predictions and feature maps of the teacher model to
-    supervise the training of shallow student layers" with "a loss-based weight allocation strategy"
-    balancing the shallow layers; the paper's code is not public, so everything below except that
-    outline is a design choice of this library, not the paper's:
+    Sources. The full text could not be read: the public copies of arXiv 2202.07846 (v2, as listed
+    on Papers with Code, DeepAI, Bohrium and Emergent Mind) give the abstract only, the authors'
+    repository github.com/luoshiya/DSKD holds a one-line README (its newest snapshot, commit
+    751febd), and no other implementation by the authors is public. What follows is therefore
+    split by source.
+
+    From the abstract:
+
+    - conventional KD supervises only the student's last layer; DSKD also supervises the *shallow*
+      student layers, with the teacher's *class predictions* and its *feature maps*;
+    - a *loss-based* weight allocation balances the learning of the shallow layers.
+
+    Design choices of this library (no source states them):
 
     - Design choice: the shallow layers are the student's stages after the stem except the last
       (``layer1`` .. ``layer{K-1}``); the last stage is supervised by the usual CE + KD on the
@@ -42,7 +53,10 @@ class DSKD(Distiller):
     - Design choice: the layer weights are w = softmax(-l / ``weight_temperature``) over the
       detached per-layer losses (:func:`~mentor.distill.losses.dskd_weights`): they sum to one and
       favour the layers that currently fit the teacher better, so a very shallow stage with a large
-      loss cannot dominate the gradient of the features the deeper stages build on.
+      loss cannot dominate the gradient of the features the deeper stages build on. The abstract
+      names the strategy but not its direction or formula.
+    - Design choice: the defaults ``kd_weight`` = ``ds_weight`` = ``feat_weight`` = 1,
+      ``temperature`` = 4, ``weight_temperature`` = 1, ``factor`` = 2 (no published value).
     - Total: ``ce_weight * CE + kd_weight * KD + ds_weight * sum_l w_l * l_l``. The branches are
       training-only: :meth:`deployable` is the plain student.
     """

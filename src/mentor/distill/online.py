@@ -141,7 +141,7 @@ class FeatureFusion(nn.Module):
 
     Concatenate the K maps along channels, mix them with a depthwise 3x3 conv and a pointwise 1x1
     conv back to C channels (each followed by BN and ReLU), then pool and classify. Design choice: the
-    MBD paper's exact FFM layout could not be confirmed from an available source; this is the
+    MBD paper's FFM layout could not be read (only its abstract is available); this is the
     depthwise-separable fusion of Kim et al., "Feature Fusion for Online Mutual Knowledge
     Distillation" (ICPR 2020), which the MBD abstract's description ("integrating rich semantic
     information contained in the last block of multiple student models") matches.
@@ -161,8 +161,8 @@ class FeatureFusion(nn.Module):
 
 @register_method("mbd")
 class MBD(_Online):
-    """Multi-branch diversity enhancement (Li et al., "Online Knowledge Distillation via Multi-branch
-    Diversity Enhancement", ACCV 2020), as read from the paper's abstract.
+    """Multi-branch diversity enhancement (Li, Huang, Chen, Luo, Cai & Pan, "Online Knowledge
+    Distillation via Multi-branch Diversity Enhancement", ACCV 2020, arXiv 2010.00795).
 
     A shared trunk and ``num_branches`` branches (as in OKDDip); a :class:`FeatureFusion` module fuses
     the branches' last feature maps into a fused teacher branch z_F; a classifier-diversification
@@ -172,12 +172,34 @@ class MBD(_Online):
             + diversity_weight * CD(W_1, .., W_K)
 
     Branch 0 is shipped (it keeps the recipe model's shape; the fused teacher needs every branch and
-    is reported as ``fused``). Design choices, none confirmed by an available source (only the
-    abstract was found): the FFM layout (see :class:`FeatureFusion`); the CD formula (squared cosine);
-    the fused teacher is detached in the KL (it learns from the labels and, through its input maps,
-    shapes the branches' features; detaching keeps it from being pulled towards the weaker
-    branches); the default K = 3 branches, T = 3, kd_weight = 1, diversity_weight = 1 and the OKDDip
-    ramp-up lambda(e) (the two papers share an author and code base).
+    is reported as ``fused``).
+
+    Sources. The full text could not be read: the arXiv abstract page (2010.00795 v3), the CVF open
+    access page and their mirrors give the abstract only, and the authors published no code. From the
+    abstract: several student models (branches, per the title) are trained online and their ensembled
+    prediction is the soft target of each; a Feature Fusion Module (FFM) integrates the semantic
+    information of the students' *last blocks*; a Classifier Diversification (CD) loss strengthens
+    the differences between the students. Everything else is a design choice:
+
+    - Design choice: the FFM layout (see :class:`FeatureFusion`) and its role as the online teacher.
+      The abstract says the FFM "improves the performance of the attention mechanism"; this class
+      has no separate attention/gate over the branches, the fused branch is the teacher.
+    - Design choice: the CD formula (mean squared cosine between corresponding class vectors).
+    - Design choice: the fused teacher is detached in the KL (it learns from the labels and, through
+      its input maps, shapes the branches' features; detaching keeps it from being pulled towards the
+      weaker branches).
+    - Design choice: the shared trunk / branch split (the last stage, ``branch_stages`` = 1) and the
+      defaults K = 3 branches, T = 3, kd_weight = 1, diversity_weight = 1 and the OKDDip ramp-up
+      lambda(e) over ``rampup_epochs`` = 80 (the two papers share an author, Defang Chen).
+
+    Not adopted, for the record: two third-party reimplementations found in the public code index
+    (neither by the authors) weight their CD term by 5e-8; one computes it as
+    ``sum_{i<j} ||W_i^T W_j||_F`` on *detached* classifier weights (so it trains nothing) and distils
+    every branch (T = 3) from ``sum_k softmax(z_k) * z_k``, each branch's logits weighted elementwise
+    by its own probabilities; the other computes the mean ``|cos|`` between corresponding class
+    vectors.
+    The recurring 5e-8 hints at a published weight for an unnormalised CD term, but neither formula
+    can be traced to the paper.
     """
 
     @rules(num_branches=between(2, MAX_NETS), temperature=POSITIVE, kd_weight=NON_NEGATIVE,
