@@ -14,6 +14,7 @@ from mentor.diffusion.denoisers import Denoiser, EDMPrecond, EmpiricalDenoiser, 
 from mentor.diffusion.samplers import (
     AB_WEIGHTS,
     SAMPLERS,
+    STOCHASTIC,
     Trajectory,
     deis_coefficients,
     dpm_solver_pp,
@@ -283,7 +284,8 @@ def test_phi_functions():
 
 
 def _solvers():
-    return sorted(SAMPLERS)
+    """The ODE solvers (the stochastic samplers are tested in test_diffusion_solvers.py)."""
+    return sorted(set(SAMPLERS) - STOCHASTIC)
 
 
 @pytest.mark.parametrize("name", _solvers())
@@ -329,7 +331,9 @@ def test_ipndm_equals_ipndm_v_on_uniform_steps():
 # polynomial rho = 7) against the exact flow: (name, options, lower bound, upper bound). iPNDM keeps the
 # uniform-step weights on this non-uniform schedule, which makes it second order (its weights are checked
 # against the variable-step ones on uniform steps above). UniPC-p is order p + 1 (UniC raises the order by one);
-# DEIS tAB-r interpolates with degree r, so it is order r + 1.
+# DEIS tAB-r interpolates with degree r, so it is order r + 1. DPM-Solver++(3M) in its published form (weight h phi_3
+# on the second divided difference) is second order (local slopes 1.5, 1.8, 1.9 between these step counts, 1.98
+# further on); with the Taylor weight 2 h phi_3 it is third order.
 ORDERS = [
     ("euler", {}, 0.9, 1.1),
     ("heun", {}, 1.85, 2.25),
@@ -341,7 +345,8 @@ ORDERS = [
     ("deis", {}, 3.5, 4.3),
     ("deis", {"max_order": 2}, 2.7, 3.2),
     ("deis", {"max_order": 1}, 1.8, 2.2),
-    ("dpm_solver_pp", {}, 2.85, 3.3),
+    ("dpm_solver_pp", {}, 1.6, 2.1),
+    ("dpm_solver_pp", {"third_order": "taylor"}, 2.85, 3.3),
     ("dpm_solver_pp", {"max_order": 2}, 1.85, 2.3),
     ("unipc", {}, 3.7, 4.3),
     ("unipc", {"max_order": 2}, 2.8, 3.3),
@@ -388,10 +393,12 @@ def test_afs_first_direction_and_accuracy(name):
     sig = polynomial(21)
     traj = SAMPLERS[name](den, x0, sig, afs=True, return_trajectory=True)
     torch.testing.assert_close(traj.directions[0], x0 / math.sqrt(1 + 80.0**2))
-    # the analytic first step costs little accuracy at sigma_max = 80
+    # the analytic first step costs little accuracy at sigma_max = 80 (published DPM-Solver++(3M) is the most
+    # accurate solver here, error 0.013, so AFS's cost, 0.002, is a larger share of its error)
     ref = den.exact(x0, 80.0, 0.002)
     plain = SAMPLERS[name](den, x0, sig)
-    assert (traj.x - ref).norm(dim=1).max() < 1.05 * (plain - ref).norm(dim=1).max()
+    slack = 1.2 if name == "dpm_solver_pp" else 1.05
+    assert (traj.x - ref).norm(dim=1).max() < slack * (plain - ref).norm(dim=1).max()
 
 
 @pytest.mark.parametrize("name", ["euler", "heun", "dpm_solver_2", "ipndm", "ipndm_v", "deis", "dpm_solver_pp"])

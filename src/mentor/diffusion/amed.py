@@ -14,7 +14,8 @@ a small feature of the current evaluation.
   its increment is multiplied by ``c``. Both evaluations enter the multistep history. As in the reference
   implementation, iPNDM keeps its *fixed-step* Adams-Bashforth coefficients although the sub-steps are
   uneven; DPM-Solver++ uses its usual variable-step multistep formulas in ``lambda = -log sigma`` with
-  ``c`` scaling the data-prediction term, and the "lower order final" rule over the ``2(N-1)`` sub-steps.
+  ``c`` scaling the data-prediction term, and the "lower order final" rule over the ``2(N-1)`` sub-steps;
+  its 3M form is the published one by default, as in the reference implementation.
 
 NFE: ``2(N - 1)`` for ``N`` timestamps, minus one with AFS (the analytic first step replaces the first
 evaluation by ``d = x / sqrt(1 + t_cur**2)``).
@@ -46,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mentor.diffusion.samplers import AB_WEIGHTS, SAMPLERS, Trajectory, phi
+from mentor.diffusion.samplers import AB_WEIGHTS, SAMPLERS, Trajectory, phi, third_order_weight
 from mentor.diffusion.schedules import get_schedule
 
 PLUGIN_BASES = ("ipndm", "dpm_solver_pp", "euler")
@@ -251,12 +252,13 @@ def _threshold(x0: Tensor, quantile: float = 0.995) -> Tensor:
 
 
 def _dpmpp_update(x: Tensor, dens: list[Tensor], ts: list[Tensor], t: Tensor, order: int,
-                  scale: Tensor | float = 1.0) -> Tensor:
+                  scale: Tensor | float = 1.0, w3: float = 1.0) -> Tensor:
     """Multistep DPM-Solver++ (data prediction) from ``ts[-1]`` to ``t`` on per-sample sigmas.
 
-    ``x_t = (t / s) x + scale * [h phi_1(-h) D_0 + h phi_2(-h) D1 + 2 h phi_3(-h) D2]`` with the divided
-    differences of :func:`mentor.diffusion.samplers.dpm_solver_pp` (the Taylor weights, so 3M is third
-    order); ``scale`` is AMED's direction scale.
+    ``x_t = (t / s) x + scale * [h phi_1(-h) D_0 + h phi_2(-h) D1 + w3 h phi_3(-h) D2]`` with the divided
+    differences of :func:`mentor.diffusion.samplers.dpm_solver_pp`; ``w3`` is 1 for the published 3M form,
+    2 for the Taylor weight (:data:`mentor.diffusion.samplers.THIRD_ORDER_WEIGHTS`); ``scale`` is AMED's
+    direction scale.
     """
     lam = [-torch.log(_bc(s, x)) for s in ts]
     t_b = _bc(t, x)
@@ -270,7 +272,7 @@ def _dpmpp_update(x: Tensor, dens: list[Tensor], ts: list[Tensor], t: Tensor, or
         d10, d11 = (dens[-1] - dens[-2]) / r0, (dens[-2] - dens[-3]) / r1
         d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
         d2 = (d10 - d11) / (r0 + r1)
-        inc = inc + h * phi(2, -h) * d1 + 2 * h * phi(3, -h) * d2
+        inc = inc + h * phi(2, -h) * d1 + w3 * h * phi(3, -h) * d2
     return (t_b / _bc(ts[-1], x)) * x + (_bc(scale, x) if isinstance(scale, Tensor) else scale) * inc
 
 
@@ -279,13 +281,14 @@ class _AMEDStepper:
 
     def __init__(self, denoiser: Callable, predictor: AMEDPredictor, num_intervals: int, *, kind: str,
                  max_order: int, afs: bool, feature: InputFeature | FeatureHook, cond: dict | None,
-                 thresholding: bool = False, lower_order_final: bool = True):
+                 thresholding: bool = False, lower_order_final: bool = True, third_order: str = "published"):
         if kind not in ("solver", *PLUGIN_BASES):
             raise ValueError(f"AMED kind must be 'solver' or one of {PLUGIN_BASES}, got {kind!r}")
         self.denoiser, self.predictor, self.kind = denoiser, predictor, kind
         self.num_intervals, self.afs, self.feature, self.cond = num_intervals, afs, feature, cond or {}
         self.max_order = 1 if kind == "euler" else max_order
         self.thresholding, self.lower_order_final = thresholding, lower_order_final
+        self.w3 = third_order_weight(third_order, "amed_plugin")
         self.history: list[Tensor] = []  # directions (iPNDM/Euler) or denoised outputs (DPM-Solver++)
         self.times: list[Tensor] = []  # DPM-Solver++ only
         self.substeps = 0
@@ -358,13 +361,14 @@ class _AMEDStepper:
         batch_t = t_cur.expand(x.shape[0]) if t_cur.ndim == 0 else t_cur
         self._push(den, batch_t)
         self.substeps += 1
-        x_mid = _dpmpp_update(x, self.history, self.times, t_mid_s, self._order())
+        x_mid = _dpmpp_update(x, self.history, self.times, t_mid_s, self._order(), w3=self.w3)
         den_mid = self._D(x_mid, a * t_mid_s)
         if self.thresholding:
             den_mid = _threshold(den_mid)
         self._push(den_mid, t_mid_s)
         self.substeps += 1
-        return _dpmpp_update(x_mid, self.history, self.times, t_next, self._order(), scale=out.scale_dir)
+        return _dpmpp_update(x_mid, self.history, self.times, t_next, self._order(), scale=out.scale_dir,
+                             w3=self.w3)
 
 
 def _run(stepper: _AMEDStepper, x: Tensor, sigmas: Tensor, return_trajectory: bool) -> Tensor | Trajectory:
@@ -395,18 +399,19 @@ def amed_solver(denoiser: Callable, x: Tensor, sigmas: Tensor, predictor: AMEDPr
 def amed_plugin(denoiser: Callable, x: Tensor, sigmas: Tensor, predictor: AMEDPredictor, *, base: str = "ipndm",
                 max_order: int | None = None, afs: bool = False, feature: InputFeature | FeatureHook | None = None,
                 cond: dict | None = None, thresholding: bool = False, lower_order_final: bool = True,
-                return_trajectory: bool = False) -> Tensor | Trajectory:
+                third_order: str = "published", return_trajectory: bool = False) -> Tensor | Trajectory:
     """AMED-Plugin on ``base`` (``"ipndm"``, ``"dpm_solver_pp"`` or ``"euler"``); 2 NFE per interval.
 
     ``max_order`` defaults to 4 for iPNDM and 3 for DPM-Solver++; ``thresholding`` (dynamic thresholding of
-    the denoised outputs) and ``lower_order_final`` apply to DPM-Solver++ only.
+    the denoised outputs), ``lower_order_final`` and ``third_order`` (the 3M form, ``"published"`` or
+    ``"taylor"``, as in :func:`~mentor.diffusion.samplers.dpm_solver_pp`) apply to DPM-Solver++ only.
     """
     if base not in PLUGIN_BASES:
         raise ValueError(f"AMED-Plugin base must be one of {PLUGIN_BASES}, got {base!r}")
     order = max_order or (3 if base == "dpm_solver_pp" else 4)
     stepper = _AMEDStepper(denoiser, predictor, len(sigmas) - 1, kind=base, max_order=order, afs=afs,
                            feature=feature or InputFeature(), cond=cond, thresholding=thresholding,
-                           lower_order_final=lower_order_final)
+                           lower_order_final=lower_order_final, third_order=third_order)
     return _run(stepper, x, sigmas, return_trajectory)
 
 

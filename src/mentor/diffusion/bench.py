@@ -16,7 +16,8 @@ iPNDM, iPNDM-v; log-SNR for DPM-Solver++(3M) and UniPC; time-uniform rho = 2 for
 GITS schedule searched on other noise (iPNDM teacher, 61 polynomial timestamps); AMED rows use a predictor
 trained for that NFE on other noise (AMED-Solver: Heun teacher, time-uniform, M = 1; AMED-Plugin on iPNDM:
 iPNDM teacher, polynomial, M = 2). Two-evaluation methods (Heun, DPM-Solver-2, AMED) reach odd NFE with AFS;
-"-" marks a budget a method cannot spend exactly. ``mentor bench diffusion`` calls :func:`main`.
+"-" marks a budget a method cannot spend exactly. ``mentor bench diffusion`` calls :func:`main`; with
+``--geometry`` it measures the trajectories' geometry instead (:mod:`mentor.diffusion.geometry_report`).
 """
 
 from __future__ import annotations
@@ -36,11 +37,14 @@ from torch import Tensor
 from mentor.diffusion.amed import AMEDPredictor, FeatureHook, InputFeature, amed_plugin, amed_solver, train_amed
 from mentor.diffusion.denoisers import EmpiricalDenoiser, GaussianDenoiser
 from mentor.diffusion.gits import gits_schedule
-from mentor.diffusion.samplers import SAMPLERS, heun, nfe
+from mentor.diffusion.samplers import SAMPLERS, STOCHASTIC, heun, nfe
 from mentor.diffusion.schedules import get_schedule
 
 NFES = (3, 4, 5, 6, 8, 10)
 SOLVERS = ("euler", "heun", "dpm_solver_2", "ipndm", "ipndm_v", "deis", "dpm_solver_pp", "unipc")
+#: The solvers a table can hold: the ODE solvers (a stochastic sampler does not converge to the reference
+#: solution from the same noise, so its error against it measures nothing).
+ODE_SOLVERS = tuple(name for name in SAMPLERS if name not in STOCHASTIC)
 GITS_SOLVERS = ("euler", "ipndm")
 AMED_METHODS = ("amed_solver", "amed_plugin_ipndm")
 
@@ -321,8 +325,8 @@ def run(oracles: Sequence[str] = ("gaussian", "digits"), run_dirs: Sequence[str]
         feature_module: str | None = None, log: Callable[[str], None] | None = None) -> list[Table]:
     """Benchmark the named oracles (``"gaussian"``, ``"digits"``) and trained EDM runs; one table each."""
     for name in solvers:
-        if name not in SAMPLERS:
-            raise ValueError(f"unknown solver {name!r}; known: {', '.join(SAMPLERS)}")
+        if name not in ODE_SOLVERS:
+            raise ValueError(f"unknown solver {name!r}; known: {', '.join(ODE_SOLVERS)}")
     for key in amed_methods:
         if key not in AMED_SETTINGS:
             raise ValueError(f"unknown AMED method {key!r}; known: {', '.join(AMED_SETTINGS)}")
@@ -374,12 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oracles", nargs="*", default=["gaussian", "digits"], choices=["gaussian", "digits"],
                    help="closed-form oracles to benchmark (give none to benchmark only --run-dir models)")
     p.add_argument("--run-dir", action="append", default=[], help="a trained EDM run directory (repeatable)")
-    p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=sorted(SAMPLERS))
+    p.add_argument("--solvers", nargs="+", default=list(SOLVERS), choices=sorted(ODE_SOLVERS))
     p.add_argument("--nfe", nargs="+", type=int, default=list(NFES))
     p.add_argument("--no-gits", action="store_true", help="skip the GITS rows")
     p.add_argument("--no-amed", action="store_true", help="skip the AMED rows")
     p.add_argument("--amed", nargs="+", default=list(AMED_METHODS), choices=sorted(AMED_SETTINGS))
-    p.add_argument("--gits-solvers", nargs="+", default=list(GITS_SOLVERS), choices=sorted(SAMPLERS))
+    p.add_argument("--gits-solvers", nargs="+", default=list(GITS_SOLVERS), choices=sorted(ODE_SOLVERS))
     p.add_argument("--n", type=int, default=256, help="evaluation samples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-data", type=int, default=500, help="digits images in the empirical oracle")
@@ -392,8 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the paper's, 1 for AMED-Solver, 2 for the plugins)")
     p.add_argument("--feature-module", default=None, help="module of a trained model whose output feeds AMED")
     p.add_argument("--device", default="auto")
-    p.add_argument("--out", default=None, help="also write the markdown to this file")
+    p.add_argument("--out", default=None, help="also write the markdown to this file (with --geometry: the folder "
+                   "for the figures and numbers, default runs/diffusion-geometry)")
     p.add_argument("--quiet", action="store_true")
+    g = p.add_argument_group("trajectory geometry (instead of the RMSE table)")
+    g.add_argument("--geometry", action="store_true", help="measure and draw the trajectories' geometry: deviation "
+                   "from the chord, denoising angles, principal directions, mean-shift weights (PNG, JSON, Markdown)")
+    g.add_argument("--geometry-solver", default="euler", choices=sorted(SAMPLERS), help="solver of the trajectories")
+    g.add_argument("--geometry-steps", type=int, default=20, help="solver steps (polynomial schedule)")
+    g.add_argument("--geometry-n", type=int, default=32, help="trajectories per oracle or run")
     return p
 
 
@@ -401,6 +412,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``mentor bench diffusion``: print the markdown tables (and write them to ``--out``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.geometry:
+        from mentor.diffusion.geometry_report import main as geometry_main
+
+        return geometry_main(args, argv)
     log = None if args.quiet else (lambda s: print(s, file=sys.stderr, flush=True))
     tables = run(args.oracles, args.run_dir, solvers=args.solvers, nfes=args.nfe, gits=not args.no_gits,
                  amed=not args.no_amed, amed_methods=args.amed, gits_solvers=args.gits_solvers, n=args.n,

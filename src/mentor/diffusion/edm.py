@@ -190,8 +190,8 @@ def load_edm(run_dir: str | Path, ema: bool = True, device: str = "auto") -> tup
 
     Returns ``(denoiser, info)``; the denoiser is frozen, in eval mode, on ``device``, and maps
     ``(x, sigma, class_labels=None)`` in the [-1, 1] data range. ``info`` holds ``image_shape``
-    (C, H, W), ``num_classes``, ``conditional``, ``sigma_min``, ``sigma_max``, ``sigma_data``, the data
-    ``mean``/``std`` the engine normalised with, ``dataset``, ``checkpoint``, ``step`` and ``ema``.
+    (C, H, W), ``num_classes``, ``conditional``, ``label_dropout``, ``sigma_min``, ``sigma_max``, ``sigma_data``,
+    the data ``mean``/``std`` the engine normalised with, ``dataset``, ``checkpoint``, ``step`` and ``ema``.
     """
     from ..engine.run import load_run
 
@@ -212,7 +212,8 @@ def load_edm(run_dir: str | Path, ema: bool = True, device: str = "auto") -> tup
     denoiser.eval().requires_grad_(False)
     c, h, w = splits.train.image_shape
     info = {"image_shape": (c, h, w), "num_classes": method.info.num_classes,
-            "conditional": bool(cfg.method.conditional), "sigma_min": cfg.method.sigma_min,
+            "conditional": bool(cfg.method.conditional), "label_dropout": float(cfg.method.label_dropout),
+            "sigma_min": cfg.method.sigma_min,
             "sigma_max": cfg.method.sigma_max, "sigma_data": cfg.method.sigma_data,
             "mean": tuple(float(v) for v in method.info.mean), "std": tuple(float(v) for v in method.info.std),
             "dataset": cfg.data.name, "checkpoint": str(file), "step": step, "ema": used_ema}
