@@ -292,3 +292,40 @@ def resumes_bitwise(cfg, stop_after: int) -> tuple[dict, dict]:
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
     return start, ref
+
+
+def random_teacher(tmp_path, name: str = "resnet14", spread_bn: bool = False) -> str:
+    """A checkpoint of an untrained zoo network in the format `mentor train` writes (best.pt); ``spread_bn``
+    randomises the BatchNorm affine parameters (seeded), so per-channel statistics differ."""
+    from mentor.engine import checkpoint as ckpt
+    from mentor.models import create_model
+
+    if spread_bn:
+        torch.manual_seed(123)
+    net = create_model(name, num_classes=10, in_channels=1)
+    if spread_bn:
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-1.0, 1.0)
+    path = tmp_path / f"{name}.pt"
+    ckpt.atomic_save({"model": net.state_dict(), "info": {"model": name, "num_classes": 10, "in_channels": 1,
+                                                          "image_size": 28, "dataset": "test",
+                                                          "method": "supervised"}}, path)
+    return str(path)
+
+
+def make_distiller(method: str, tmp_path, teacher: str = "resnet14", student: str = "resnet8", batch_size: int = 8,
+                   seed: int = 0, spread_bn: bool = False, **hp):
+    """A distillation method built around an untrained student and a :func:`random_teacher`, set up on one
+    random batch of 1x28x28 images; returns ``(method, batch)``."""
+    from mentor.methods import BuildInfo, create_method
+    from mentor.models import create_model
+
+    torch.manual_seed(seed)
+    m = create_method(method, create_model(student, num_classes=10, in_channels=1), BuildInfo(),
+                      teacher=random_teacher(tmp_path, teacher, spread_bn), **hp)
+    batch = {"x": torch.randn(batch_size, 1, 28, 28), "y": torch.arange(batch_size) % 10}
+    m.setup(batch)
+    return m, batch

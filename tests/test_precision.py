@@ -99,6 +99,7 @@ def test_run_files_follow_the_umask(tmp_path):
         os.umask(old)
     run = tmp_path / "run"
     files = [p for p in run.iterdir() if p.is_file() and p.name != "run.lock"]
-    assert {"config.yaml", "summary.json", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt"} <= {p.name for p in files}
+    expected = {"config.yaml", "summary.json", "metrics.jsonl", "metrics.csv", "last.pt", "best.pt"}
+    assert expected <= {p.name for p in files}
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o664, (p.name, oct(p.stat().st_mode))

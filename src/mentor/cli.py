@@ -139,7 +139,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     try:
         result = sample_to_png(args.run_dir, args.out, solver=args.solver, nfe=args.nfe, schedule=args.schedule,
                                n=args.n, seed=args.seed, class_label=args.class_label, afs=args.afs,
-                               predictor=args.predictor, ema=not args.no_ema, device=args.device, scale=args.scale)
+                               predictor=args.predictor, ema=not args.no_ema, device=args.device, scale=args.scale,
+                               guidance=args.guidance, solver_opts=args.solver_opt)
     except SampleError as e:
         print(f"mentor: error: {e}", file=sys.stderr)
         return 2
@@ -283,7 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", default="samples.png", help="the PNG grid to write")
     sm.add_argument("--predictor", default=None, help="an AMED predictor file (decides solver, schedule, steps)")
     sm.add_argument("--class-label", type=int, default=None, help="class of every sample (conditional models)")
+    sm.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale with --class-label "
+                    "(models trained with method.label_dropout > 0; 1 = conditional, > 1 stronger)")
     sm.add_argument("--afs", action="store_true", help="analytic first step (saves one evaluation)")
+    sm.add_argument("--solver-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="an option of the solver, repeatable: eta=0.5 (euler_ancestral, dpm_solver_pp_2m_sde), "
+                    "s_churn=40 s_tmin=0.05 s_tmax=50 s_noise=1.003 (edm_stochastic), max_order=2, ...")
     sm.add_argument("--no-ema", action="store_true", help="use the trained weights instead of their EMA")
     sm.add_argument("--scale", type=int, default=1, help="enlarge every pixel this many times")
     sm.add_argument("--device", default="auto")

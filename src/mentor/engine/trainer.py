@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from .console import run_header, start_warnings
 from .contract import check_step_output
 from .details import DetailsRecorder, recording
-from .distributed import Dist, barrier, init_distributed, shutdown
+from .distributed import Dist, barrier, broadcast_from_main, init_distributed, shutdown
 from .ema import EMA
 from .evaluate import Evaluator
 from .graph import GraphStep, check_capturable
@@ -267,10 +267,14 @@ class Trainer:
             return self.method
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # Frozen modules (teachers) stay outside DDP: no gradient buckets, no buffer broadcasts.
+        # Frozen modules (teachers) stay outside DDP: no gradient buckets, no buffer broadcasts. Buffers the
+        # method keeps equal on every rank itself (memory banks whose updates gather every rank's batch) are
+        # broadcast once here and never by DDP, whose broadcast before each forward would copy rank 0's.
         ignore = [f"{name}.{p}" for name, m in self.method.frozen_modules().items()
                   for p, _ in list(m.named_parameters()) + list(m.named_buffers())]
-        DDP._set_params_and_buffers_to_ignore_for_model(self.method, ignore)
+        synced = self.method.rank_synced_buffers()
+        DDP._set_params_and_buffers_to_ignore_for_model(self.method, ignore + synced)
+        broadcast_from_main([self.method.get_buffer(n) for n in synced], self.dist)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DDP(self.method, device_ids=ids, find_unused_parameters=len(self.phases) > 1)
 

@@ -34,6 +34,9 @@ sub-modules, so checkpoints and optimizers see them.
   of one of the method's networks (trained state: checkpointed, restored exactly, updated by the
   engine after each optimizer step). Every other sub-module is trained state.
 - ``select``: the validation number (a key of :meth:`score`) that picks ``best.pt``.
+- State kept equal on every DDP rank by the method itself (a memory bank whose updates gather every
+  rank's batch): :meth:`rank_synced_buffers`, by default the buffers of sub-modules marked
+  ``rank_synced = True``; the engine keeps them out of DDP's per-step buffer broadcast.
 
 **What it implements**
 
@@ -408,6 +411,23 @@ class Method(nn.Module):
     def frozen_modules(self) -> dict[str, nn.Module]:
         """The declared teachers and EMA teachers: in eval mode, never wrapped in DDP."""
         return {n: getattr(self, n) for n in [*self._teachers, *self._ema]}
+
+    def rank_synced_buffers(self) -> list[str]:
+        """Names (as ``named_buffers`` gives them) of the buffers this method keeps equal on every DDP rank
+        itself: state whose every update first gathers all ranks' rows (memory banks, queues), so that each
+        rank applies the same update. The engine broadcasts them from rank 0 once, when it wraps the method
+        in DDP, and leaves them out of DDP's buffer broadcast, which would otherwise copy rank 0's copy (a
+        whole memory bank) into every rank before every forward.
+
+        By default the buffers of every sub-module whose class sets ``rank_synced = True`` (CRD's
+        :class:`~mentor.distill.losses.MemoryBank` and ``NCE``, SimMatch's and CoMatch's memories in
+        :mod:`mentor.nn.memory`); override to add a method's own. A buffer a rank updates from its own
+        batch alone must not be listed: DDP's broadcast is then what keeps the ranks equal (on rank 0's)."""
+        names: set[str] = set()
+        for prefix, module in self.named_modules():
+            if getattr(type(module), "rank_synced", False):
+                names.update(f"{prefix}.{n}" if prefix else n for n, _ in module.named_buffers())
+        return sorted(names)
 
     def trained_state(self) -> dict[str, Tensor]:
         """``state_dict`` without the declared teachers: what a checkpoint must keep (EMA teachers,

@@ -100,10 +100,12 @@ def diversity_loss(weights: Sequence[Tensor]) -> Tensor:
     orthogonal to that class's vector in every other branch, 1 when they are parallel.
 
     Li et al., ACCV 2020, push the branches' classifiers apart with a "Classifier Diversification"
-    loss; its exact formula could not be confirmed from an available source, so this form is a
-    design choice: cosines make the loss invariant to the weights' scale (shrinking the weights
+    loss; only the paper's abstract could be read (no code by the authors is public), so this form is
+    a design choice: cosines make the loss invariant to the weights' scale (shrinking the weights
     cannot satisfy it) and squaring makes it smooth and minimal at orthogonality rather than at the
-    anti-parallel configuration that no more than two branches can reach.
+    anti-parallel configuration that no more than two branches can reach. (Third-party
+    reimplementations differ: one sums ``||W_i^T W_j||_F`` over the pairs with weight 5e-8; see
+    :class:`mentor.distill.online.MBD`.)
     """
     w = [F.normalize(x.float(), dim=-1) for x in weights]
     if len(w) < 2:
