@@ -103,3 +103,32 @@ def test_run_files_follow_the_umask(tmp_path):
     assert expected <= {p.name for p in files}
     for p in files:
         assert stat.S_IMODE(p.stat().st_mode) == 0o664, (p.name, oct(p.stat().st_mode))
+
+
+def test_snapshots_keep_the_weights_of_their_steps(tmp_path):
+    """trainer.snapshots keeps snapshot_<step>.pt (fractions of max_steps or steps); its weights are those of a
+    straight run stopped at that step, and `mentor eval` reads it; --force removes it."""
+    from mentor.engine.run import evaluate_run
+    from mentor.engine.trainer import snapshot_steps
+
+    assert snapshot_steps([0.5, 6, 0.8, 99], 8) == {4, 6}
+    train(digits_cfg(tmp_path, "trainer.snapshots=[0.5,6]", "trainer.eval_every=8", "trainer.ckpt_every=8"))
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("snapshot_*.pt")) == ["snapshot_4.pt", "snapshot_6.pt"]
+    snap = torch.load(run / "snapshot_4.pt", weights_only=True)
+    assert snap["step"] == 4
+    # the same recipe stopped by a signal after its 4th step: its last.pt holds exactly the step-4 weights
+    from _helpers import fit_until_signal
+
+    fit_until_signal(Trainer(digits_cfg(tmp_path, "trainer.eval_every=8", name="again")), after_step=3)
+    state = torch.load(tmp_path / "again" / "last.pt", weights_only=True)
+    assert state["step"] == 4
+    student = {k[len("student."):]: v for k, v in state["method"].items() if k.startswith("student.")}
+    assert student.keys() == snap["model"].keys()
+    assert all(torch.equal(v, student[k]) for k, v in snap["model"].items())
+    assert any(not torch.equal(v, student[k]) for k, v in torch.load(run / "snapshot_6.pt", weights_only=True)[
+        "model"].items() if v.is_floating_point())
+    result = evaluate_run(run / "snapshot_6.pt")
+    assert result["step"] == 6 and 0.0 <= result["test_acc"] <= 1.0
+    train(digits_cfg(tmp_path, "trainer.eval_every=8"), force=True)
+    assert not list(run.glob("snapshot_*.pt"))

@@ -274,7 +274,8 @@ class ScheduleConfig:
        clip_grad=POSITIVE.because("the largest gradient norm; null = no clipping, a negative one would reverse "
                                   "the gradients"),
        loggers=each(Rule(lambda v: v in LOGGERS, "one of " + ", ".join(LOGGERS)).because(
-           "metrics.jsonl is always written; the list adds backends")))
+           "metrics.jsonl is always written; the list adds backends")),
+       snapshots=each(POSITIVE).because("steps (1, 2, ...) or fractions of trainer.max_steps in (0, 1)"))
 @dataclass
 class TrainerConfig:
     """What the engine does around the method: steps, precision, checkpoints, logging, EMA."""
@@ -295,6 +296,8 @@ class TrainerConfig:
     threads: int | None = None
     progress: bool = True
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # jsonl, csv, tensorboard, wandb
+    # steps (or fractions of max_steps) at which the deployable weights are kept as snapshot_<step>.pt
+    snapshots: list[float] = field(default_factory=list)
     sync_bn: bool = False  # several processes: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 

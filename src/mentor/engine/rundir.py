@@ -32,8 +32,9 @@ from .logger import log
 LOCK = "run.lock"
 # Keys a resumed run may change: how long it trains and how it reports, never what it trains.
 MAY_CHANGE = ("trainer.max_steps", "trainer.eval_every", "trainer.ckpt_every", "trainer.log_every",
-              "trainer.threads", "trainer.progress", "data.num_workers", "out_dir", "resume")
-# What a fresh start (--force) removes; anything else the user put in the folder stays.
+              "trainer.threads", "trainer.progress", "trainer.snapshots", "data.num_workers", "out_dir", "resume")
+# What a fresh start (--force) removes, with the snapshots; anything else the user put in the folder stays.
+SNAPSHOTS = "snapshot_*.pt"
 RUN_FILES = ("last.pt", "best.pt", "summary.json", "metrics.jsonl", "metrics.csv", "config.yaml", "test_details.json")
 
 
@@ -210,4 +211,6 @@ class RunDir:
         """A fresh start: remove a previous run's files, record the recipe."""
         for name in RUN_FILES:
             (self.path / name).unlink(missing_ok=True)
+        for snapshot in self.path.glob(SNAPSHOTS):
+            snapshot.unlink(missing_ok=True)
         atomic_write_text(self.path / "config.yaml", header_comment() + dump_config(cfg))

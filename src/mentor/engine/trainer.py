@@ -475,6 +475,15 @@ class Trainer:
                 ckpt.atomic_save(best, self.run_dir / "best.pt")
         self.last_val = vals
 
+    def snapshot(self, step: int) -> None:
+        """``snapshot_<step>.pt``: the deployable weights (and the EMA copy's) at ``step``, in ``best.pt``'s format,
+        so ``mentor eval RUN/snapshot_<step>.pt`` reports that step's numbers."""
+        state = {"step": step, "model": self.method.deployable().state_dict(),
+                 "ema": self.ema.module.state_dict() if self.ema else None, "info": self.network_info()}
+        self._check_state_finite({"model": state["model"], "ema": state["ema"]}, step)
+        if self.is_main:
+            ckpt.atomic_save(state, self.run_dir / f"snapshot_{step}.pt")
+
     # -- the loop --------------------------------------------------------------------------------
     def _train_step(self, step: int) -> None:
         if self.graph is not None:
@@ -596,6 +605,7 @@ class Trainer:
         logger = RunLogger(self.run_dir, t.max_steps, self.start_step, self.is_main, t.progress, t.loggers,
                            to_dict(cfg))
         global_batch = cfg.data.batch_size * self.dist.world_size * t.accumulate
+        snapshots = snapshot_steps(t.snapshots, t.max_steps)
         self.method.train()
         self._t0 = time.perf_counter()
         t_mark, steps_mark = time.perf_counter(), self.start_step
@@ -615,7 +625,8 @@ class Trainer:
                 boundary = done % t.log_every == 0 or done == t.max_steps
                 do_eval = done % t.eval_every == 0 or done == t.max_steps
                 do_ckpt = done % t.ckpt_every == 0 or done == t.max_steps
-                if boundary or do_eval or do_ckpt:
+                do_snap = done in snapshots
+                if boundary or do_eval or do_ckpt or do_snap:
                     values = self._read_meter() if boundary else {}  # synchronises the device
                     now = time.perf_counter()
                     self.train_seconds += now - t_mark
@@ -629,6 +640,8 @@ class Trainer:
                         logger.evaluating(done)
                         self.method.before_eval(self._refresh())
                         self.evaluate(done, logger)
+                    if do_snap:
+                        self.snapshot(done)
                     if do_ckpt:
                         self.save(done)
                     t_mark, steps_mark = time.perf_counter(), done
@@ -707,6 +720,13 @@ class Trainer:
             log.info(f"done in {format_duration(out['wall_s'])}: test {m} {out[f'test_{m}_last']:.4f} (last), "
                      f"{out.get(best_key, math.nan):.4f} (best val @ {self.best['step']})")
         return out
+
+
+def snapshot_steps(snapshots: list[float], max_steps: int) -> set[int]:
+    """``trainer.snapshots`` as steps: a value in (0, 1) is a fraction of ``max_steps`` (rounded), others are
+    steps; those beyond the run are dropped."""
+    steps = {round(v * max_steps) if v < 1 else int(v) for v in snapshots}
+    return {s for s in steps if 1 <= s <= max_steps}
 
 
 class _StopOnSignal:
