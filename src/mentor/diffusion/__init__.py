@@ -1,7 +1,8 @@
 """Diffusion sampling and sampler distillation: the denoiser protocol, schedules, ODE solvers, AMED,
 GITS, SFD, EDM training of a small U-Net, and sample-quality metrics.
 
-Importing this package registers the ``edm_unet`` model and the ``edm`` training method.
+Importing this package registers the ``edm_unet`` model and the ``edm`` training method; the ``amed`` method
+and its ``amed_predictor`` model (:mod:`mentor.diffusion.amed_method`) register when first named.
 """
 
 from .adapters import (
@@ -18,8 +19,10 @@ from .amed import (
     AMEDPredictor,
     FeatureHook,
     InputFeature,
+    amed_intermediate,
     amed_plugin,
     amed_sample,
+    amed_solve,
     amed_solver,
     load_predictor,
     save_predictor,
@@ -50,6 +53,8 @@ from .sample import sample_images, sample_to_png, steps_for_nfe
 from .samplers import (
     SAMPLERS,
     STOCHASTIC,
+    History,
+    Intermediate,
     Trajectory,
     deis,
     dpm_solver_2,
@@ -83,4 +88,6 @@ __all__ = [
     "mean_shift_weights", "perplexity", "trajectory_geometry", "trajectory_pca",
     # stochastic samplers (mentor.diffusion.samplers)
     "STOCHASTIC", "dpm_solver_pp_2m_sde", "edm_stochastic", "euler_ancestral",
+    # AMED's per-step data for the solvers (mentor.diffusion.samplers, mentor.diffusion.amed)
+    "History", "Intermediate", "amed_intermediate", "amed_solve",
 ]

@@ -17,6 +17,13 @@ a small feature of the current evaluation.
   ``c`` scaling the data-prediction term, and the "lower order final" rule over the ``2(N-1)`` sub-steps;
   its 3M form is the published one by default, as in the reference implementation.
 
+Both are the solvers of :mod:`mentor.diffusion.samplers` (:func:`~mentor.diffusion.samplers.dpm_solver_2`'s
+midpoint rule, :func:`~mentor.diffusion.samplers.ipndm`, :func:`~mentor.diffusion.samplers.dpm_solver_pp`,
+:func:`~mentor.diffusion.samplers.euler`) with the predictor's decisions as per-step data
+(:func:`amed_intermediate`, an :class:`~mentor.diffusion.samplers.Intermediate` per step); this module has no
+update rule of its own. One exception to the reference's orders: with a single interval (``N = 2``) and 3M,
+DPM-Solver++'s last sub-step is first order here (the solvers' lower-order-final rule), second order there.
+
 NFE: ``2(N - 1)`` for ``N`` timestamps, minus one with AFS (the analytic first step replaces the first
 evaluation by ``d = x / sqrt(1 + t_cur**2)``).
 
@@ -27,18 +34,19 @@ hidden layer, so :class:`InputFeature` (the default) uses ``x`` itself, scaled b
 ``1 / sqrt(sigma**2 + sigma_data**2)`` and average-pooled to 64 numbers (channel mean and 8 x 8 adaptive
 pooling for images; 1-D adaptive pooling of the flattened sample otherwise).
 
-Training (:func:`train_amed`): the teacher runs on ``(M + 1)(N - 1) + 1`` timestamps of the same schedule
-and its trajectory is sliced every ``M + 1`` points; the student is stepped one interval at a time with an
-optimizer step after each (squared error summed over elements, divided by the batch size). Single-step
-students (AMED-Solver, the Euler plugin) restart each interval from the teacher's point (teacher forcing);
-multistep students continue from their own (detached) output and history.
+Training is the ``amed`` method on the engine (:mod:`mentor.diffusion.amed_method`; ``mentor train
+recipes/diffusion/digits_amed.yaml``), and :func:`train_amed` its Python form: the teacher runs on
+``(M + 1)(N - 1) + 1`` timestamps of the same schedule and its trajectory is sliced every ``M + 1`` points; the
+student is stepped one interval at a time with an optimizer step after each (squared error summed over
+elements, divided by the batch size). Single-step students (AMED-Solver, the Euler plugin) restart each
+interval from the teacher's point (teacher forcing); multistep students continue from their own (detached)
+output and history.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -47,8 +55,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mentor.diffusion.samplers import AB_WEIGHTS, SAMPLERS, Trajectory, phi, third_order_weight
+from mentor.diffusion.samplers import (
+    Callback,
+    History,
+    Intermediate,
+    IntermediateFn,
+    Trajectory,
+    dpm_solver_2,
+    dpm_solver_pp,
+    euler,
+    ipndm,
+    third_order_weight,
+)
 from mentor.diffusion.schedules import get_schedule
+from mentor.fileio import atomic_write
 
 PLUGIN_BASES = ("ipndm", "dpm_solver_pp", "euler")
 
@@ -89,9 +109,9 @@ class FeatureHook:
 
     Registers a forward hook on ``dict(net.named_modules())[name]`` (e.g. the 8x8 bottleneck block of an
     EDM U-Net); after each denoiser call, ``hook(x, sigma)`` returns the (detached) output of the last call,
-    averaged over channels and pooled to ``size * size`` numbers as :class:`InputFeature` does. Before a
-    step the sampler calls :meth:`clear`; if no evaluation happened since (an AFS step), zeros are
-    returned, as in the paper. Call :meth:`remove` (or use it as a context manager) when done.
+    averaged over channels and pooled to ``size * size`` numbers as :class:`InputFeature` does. The sampler
+    calls :meth:`clear` before a run and after each read; if no evaluation happened since (an AFS step), zeros
+    are returned, as in the paper. Call :meth:`remove` (or use it as a context manager) when done.
     """
 
     def __init__(self, net: nn.Module, name: str, size: int = 8):
@@ -236,183 +256,91 @@ class AMEDPredictor(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# Stepping
+# Sampling: the predictor's decisions as per-step data for the solvers of mentor.diffusion.samplers
 
 
-def _bc(v: Tensor, x: Tensor) -> Tensor:
-    """Per-sample ``(B,)`` (or scalar) -> broadcastable against ``x``."""
-    v = v.to(x.dtype)
-    return v.reshape(-1, *([1] * (x.ndim - 1))) if v.ndim > 0 else v
+def amed_intermediate(predictor: Callable[..., AMEDOutput], feature: InputFeature | FeatureHook,
+                      record: list[AMEDOutput] | None = None) -> IntermediateFn:
+    """The per-step hook a solver calls (``intermediate=``, :class:`~mentor.diffusion.samplers.Intermediate`):
+    the predictor's ``r``, ``scale_dir`` and ``scale_time`` for the step ``t_cur -> t_next`` from the feature of
+    the step's first evaluation, as ``sigma = t_next**r * t_cur**(1 - r)`` and the two scales. The feature is
+    cleared once read (zeros on an AFS step, where nothing was evaluated); ``record`` collects the outputs."""
+
+    def decide(info: dict) -> Intermediate:
+        x, t_cur, t_next = info["x"], info["sigma"], info["sigma_next"]
+        out = predictor(feature(x, t_cur), t_cur, t_next)
+        feature.clear()
+        if record is not None:
+            record.append(out)
+        r = out.r.to(x.dtype)
+        return Intermediate(t_next**r * t_cur ** (1 - r), out.scale_dir.to(x.dtype), out.scale_time.to(x.dtype))
+
+    return decide
 
 
-def _threshold(x0: Tensor, quantile: float = 0.995) -> Tensor:
-    s = torch.quantile(x0.abs().reshape(x0.shape[0], -1), quantile, dim=1).clamp_min(1.0)
-    s = _bc(s, x0)
-    return x0.clamp(-s, s) / s
-
-
-def _dpmpp_update(x: Tensor, dens: list[Tensor], ts: list[Tensor], t: Tensor, order: int,
-                  scale: Tensor | float = 1.0, w3: float = 1.0) -> Tensor:
-    """Multistep DPM-Solver++ (data prediction) from ``ts[-1]`` to ``t`` on per-sample sigmas.
-
-    ``x_t = (t / s) x + scale * [h phi_1(-h) D_0 + h phi_2(-h) D1 + w3 h phi_3(-h) D2]`` with the divided
-    differences of :func:`mentor.diffusion.samplers.dpm_solver_pp`; ``w3`` is 1 for the published 3M form,
-    2 for the Taylor weight (:data:`mentor.diffusion.samplers.THIRD_ORDER_WEIGHTS`); ``scale`` is AMED's
-    direction scale.
-    """
-    lam = [-torch.log(_bc(s, x)) for s in ts]
-    t_b = _bc(t, x)
-    h = -torch.log(t_b) - lam[-1]
-    inc = -torch.expm1(-h) * dens[-1]
-    if order == 2:
-        r0 = (lam[-1] - lam[-2]) / h
-        inc = inc - torch.expm1(-h) * (dens[-1] - dens[-2]) / (2 * r0)
-    elif order >= 3:
-        r0, r1 = (lam[-1] - lam[-2]) / h, (lam[-2] - lam[-3]) / h
-        d10, d11 = (dens[-1] - dens[-2]) / r0, (dens[-2] - dens[-3]) / r1
-        d1 = d10 + r0 / (r0 + r1) * (d10 - d11)
-        d2 = (d10 - d11) / (r0 + r1)
-        inc = inc + h * phi(2, -h) * d1 + w3 * h * phi(3, -h) * d2
-    return (t_b / _bc(ts[-1], x)) * x + (_bc(scale, x) if isinstance(scale, Tensor) else scale) * inc
-
-
-class _AMEDStepper:
-    """One interval of AMED-Solver or AMED-Plugin at a time, carrying the multistep history."""
-
-    def __init__(self, denoiser: Callable, predictor: AMEDPredictor, num_intervals: int, *, kind: str,
-                 max_order: int, afs: bool, feature: InputFeature | FeatureHook, cond: dict | None,
-                 thresholding: bool = False, lower_order_final: bool = True, third_order: str = "published"):
-        if kind not in ("solver", *PLUGIN_BASES):
-            raise ValueError(f"AMED kind must be 'solver' or one of {PLUGIN_BASES}, got {kind!r}")
-        self.denoiser, self.predictor, self.kind = denoiser, predictor, kind
-        self.num_intervals, self.afs, self.feature, self.cond = num_intervals, afs, feature, cond or {}
-        self.max_order = 1 if kind == "euler" else max_order
-        self.thresholding, self.lower_order_final = thresholding, lower_order_final
-        self.w3 = third_order_weight(third_order, "amed_plugin")
-        self.history: list[Tensor] = []  # directions (iPNDM/Euler) or denoised outputs (DPM-Solver++)
-        self.times: list[Tensor] = []  # DPM-Solver++ only
-        self.substeps = 0
-        self.nfe = 0
-        self.last: AMEDOutput | None = None
-
-    @property
-    def single_step(self) -> bool:
-        return self.kind in ("solver", "euler")
-
-    def _D(self, x: Tensor, sigma: Tensor) -> Tensor:
-        self.nfe += 1
-        return self.denoiser(x, sigma, **self.cond)
-
-    def detach(self) -> None:
-        self.history = [h.detach() for h in self.history]
-        self.times = [t.detach() for t in self.times]
-
-    def _ab(self, d: Tensor) -> Tensor:
-        coeffs = AB_WEIGHTS[min(self.max_order, len(self.history) + 1)]
-        inc = coeffs[0] * d
-        for c, old in zip(coeffs[1:], reversed(self.history)):
-            inc = inc + c * old
-        return inc
-
-    def _push(self, v: Tensor, t: Tensor | None = None) -> None:
-        self.history.append(v)
-        if t is not None:
-            self.times.append(t)
-        keep = max(self.max_order - 1, 1) if self.kind != "dpm_solver_pp" else self.max_order
-        del self.history[:-keep]
-        del self.times[:-keep]
-
-    def _order(self) -> int:
-        """DPM-Solver++ order for the current sub-step (1-based count ``substeps`` of ``2(N-1)``)."""
-        step, total = self.substeps, 2 * self.num_intervals + 1
-        if not self.lower_order_final:
-            return min(self.max_order, step)
-        return step if step < self.max_order else min(self.max_order, total - step)
-
-    def step(self, x: Tensor, i: int, t_cur: Tensor, t_next: Tensor) -> Tensor:
-        """Advance ``x`` from ``t_cur`` to ``t_next`` (interval index ``i``)."""
-        use_afs = self.afs and i == 0
-        self.feature.clear()
-        if use_afs:
-            d_cur = x / torch.sqrt(1 + t_cur**2)
-            den = x - t_cur * d_cur
-        else:
-            den = self._D(x, t_cur)
-            d_cur = (x - den) / t_cur
-        out = self.predictor(self.feature(x, t_cur), t_cur, t_next)
-        self.last = out
-        r, c, a = _bc(out.r, x), _bc(out.scale_dir, x), out.scale_time.to(x.dtype)
-        t_mid = t_next ** r * t_cur ** (1 - r)  # broadcast shape (B, 1, ...)
-        t_mid_s = t_mid.reshape(-1)  # per-sample sigma for the denoiser
-        if self.kind == "solver":
-            x_mid = x + (t_mid - t_cur) * d_cur
-            d_mid = (x_mid - self._D(x_mid, a * t_mid_s)) / t_mid
-            return x + c * (t_next - t_cur) * d_mid
-        if self.kind in ("ipndm", "euler"):
-            x_mid = x + (t_mid - t_cur) * self._ab(d_cur)
-            self._push(d_cur)
-            d_mid = (x_mid - self._D(x_mid, a * t_mid_s)) / t_mid
-            x_next = x_mid + c * (t_next - t_mid) * self._ab(d_mid)
-            self._push(d_mid)
-            return x_next
-        # DPM-Solver++ plugin
-        if self.thresholding:
-            den = _threshold(den)
-        batch_t = t_cur.expand(x.shape[0]) if t_cur.ndim == 0 else t_cur
-        self._push(den, batch_t)
-        self.substeps += 1
-        x_mid = _dpmpp_update(x, self.history, self.times, t_mid_s, self._order(), w3=self.w3)
-        den_mid = self._D(x_mid, a * t_mid_s)
-        if self.thresholding:
-            den_mid = _threshold(den_mid)
-        self._push(den_mid, t_mid_s)
-        self.substeps += 1
-        return _dpmpp_update(x_mid, self.history, self.times, t_next, self._order(), scale=out.scale_dir,
-                             w3=self.w3)
-
-
-def _run(stepper: _AMEDStepper, x: Tensor, sigmas: Tensor, return_trajectory: bool) -> Tensor | Trajectory:
-    sig = sigmas.to(dtype=x.dtype, device=x.device)
-    points = [x]
-    for i in range(len(sig) - 1):
-        x = stepper.step(x, i, sig[i], sig[i + 1])
-        if return_trajectory:
-            points.append(x)
-    if return_trajectory:
-        return Trajectory(x=x, points=torch.stack(points), nfe=stepper.nfe)
-    return x
+def amed_solve(denoiser: Callable, x: Tensor, sigmas: Tensor | Sequence[float], intermediate: IntermediateFn, *,
+               kind: str = "solver", max_order: int | None = None, afs: bool = False, cond: dict | None = None,
+               history: History | None = None, thresholding: bool = False, lower_order_final: bool = True,
+               third_order: str = "published", return_trajectory: bool = False,
+               callback: Callback | None = None) -> Tensor | Trajectory:
+    """AMED-Solver (``kind="solver"``: :func:`~mentor.diffusion.samplers.dpm_solver_2`'s midpoint rule) or
+    AMED-Plugin on ``kind`` (``"ipndm"``, ``"dpm_solver_pp"``, ``"euler"``) from ``x`` over ``sigmas``, with the
+    per-step data of ``intermediate`` (:func:`amed_intermediate`). ``history`` carries a multistep plugin's
+    history between calls of one interval each (training). ``max_order`` defaults to 4 for iPNDM, 3 for
+    DPM-Solver++; ``thresholding``, ``lower_order_final`` and ``third_order`` apply to DPM-Solver++ only;
+    ``callback`` is the solvers' (:data:`~mentor.diffusion.samplers.Callback`, once per interval)."""
+    common = dict(afs=afs, cond=cond, return_trajectory=return_trajectory, intermediate=intermediate,
+                  callback=callback)
+    if kind == "solver":
+        return dpm_solver_2(denoiser, x, sigmas, **common)
+    if kind == "euler":
+        return euler(denoiser, x, sigmas, **common)
+    if kind == "ipndm":
+        return ipndm(denoiser, x, sigmas, max_order=max_order or 4, history=history, **common)
+    if kind == "dpm_solver_pp":
+        return dpm_solver_pp(denoiser, x, sigmas, max_order=max_order or 3, history=history,
+                             thresholding=thresholding, lower_order_final=lower_order_final, third_order=third_order,
+                             **common)
+    raise ValueError(f"AMED kind must be 'solver' or one of {PLUGIN_BASES}, got {kind!r}")
 
 
 def amed_solver(denoiser: Callable, x: Tensor, sigmas: Tensor, predictor: AMEDPredictor, *, afs: bool = False,
                 feature: InputFeature | FeatureHook | None = None, cond: dict | None = None,
-                return_trajectory: bool = False) -> Tensor | Trajectory:
+                return_trajectory: bool = False, callback: Callback | None = None) -> Tensor | Trajectory:
     """AMED-Solver from ``x`` (already scaled by ``sigmas[0]``) over ``sigmas``; 2 NFE per interval.
 
     ``feature`` is the predictor's feature source (default :class:`InputFeature`); ``cond`` goes to the
-    denoiser. Returns the final sample, or a :class:`Trajectory` with ``return_trajectory=True``.
+    denoiser. Returns the final sample, or a :class:`Trajectory` with ``return_trajectory=True``. The steps are
+    :func:`~mentor.diffusion.samplers.dpm_solver_2`'s with the predictor's per-step data; ``callback`` is
+    called once per interval, as the solvers call it.
     """
-    stepper = _AMEDStepper(denoiser, predictor, len(sigmas) - 1, kind="solver", max_order=1, afs=afs,
-                           feature=feature or InputFeature(), cond=cond)
-    return _run(stepper, x, sigmas, return_trajectory)
+    feature = feature or InputFeature()
+    feature.clear()
+    return amed_solve(denoiser, x, sigmas, amed_intermediate(predictor, feature), kind="solver", afs=afs, cond=cond,
+                      return_trajectory=return_trajectory, callback=callback)
 
 
 def amed_plugin(denoiser: Callable, x: Tensor, sigmas: Tensor, predictor: AMEDPredictor, *, base: str = "ipndm",
                 max_order: int | None = None, afs: bool = False, feature: InputFeature | FeatureHook | None = None,
                 cond: dict | None = None, thresholding: bool = False, lower_order_final: bool = True,
-                third_order: str = "published", return_trajectory: bool = False) -> Tensor | Trajectory:
+                third_order: str = "published", return_trajectory: bool = False,
+                callback: Callback | None = None) -> Tensor | Trajectory:
     """AMED-Plugin on ``base`` (``"ipndm"``, ``"dpm_solver_pp"`` or ``"euler"``); 2 NFE per interval.
 
     ``max_order`` defaults to 4 for iPNDM and 3 for DPM-Solver++; ``thresholding`` (dynamic thresholding of
     the denoised outputs), ``lower_order_final`` and ``third_order`` (the 3M form, ``"published"`` or
-    ``"taylor"``, as in :func:`~mentor.diffusion.samplers.dpm_solver_pp`) apply to DPM-Solver++ only.
+    ``"taylor"``, as in :func:`~mentor.diffusion.samplers.dpm_solver_pp`) apply to DPM-Solver++ only. The steps
+    are the base solver's (:func:`~mentor.diffusion.samplers.ipndm`, ...) with the predictor's per-step data;
+    ``callback`` is called once per interval, as the solvers call it.
     """
     if base not in PLUGIN_BASES:
         raise ValueError(f"AMED-Plugin base must be one of {PLUGIN_BASES}, got {base!r}")
-    order = max_order or (3 if base == "dpm_solver_pp" else 4)
-    stepper = _AMEDStepper(denoiser, predictor, len(sigmas) - 1, kind=base, max_order=order, afs=afs,
-                           feature=feature or InputFeature(), cond=cond, thresholding=thresholding,
-                           lower_order_final=lower_order_final, third_order=third_order)
-    return _run(stepper, x, sigmas, return_trajectory)
+    third_order_weight(third_order, "amed_plugin")
+    feature = feature or InputFeature()
+    feature.clear()
+    return amed_solve(denoiser, x, sigmas, amed_intermediate(predictor, feature), kind=base, max_order=max_order,
+                      afs=afs, cond=cond, thresholding=thresholding, lower_order_final=lower_order_final,
+                      third_order=third_order, return_trajectory=return_trajectory, callback=callback)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,10 +349,12 @@ def amed_plugin(denoiser: Callable, x: Tensor, sigmas: Tensor, predictor: AMEDPr
 
 @dataclass
 class AMEDTrainResult:
-    """Losses per iteration (summed over the intervals) and the sampling configuration to store."""
+    """Losses per iteration (summed over the intervals), the sampling configuration to store, and the engine run's
+    ``summary.json`` (``val_rmse_last``: the AMED sample's error against the teacher solver's)."""
 
     losses: list[float]
     config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def draw_noise(noise: Callable[..., Tensor] | Sequence[int] | Tensor, batch: int, generator: torch.Generator | None,
@@ -468,62 +398,33 @@ def train_amed(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     callback: Callable[[int, float], None] | None = None,
+    seed: int = 0,
+    val_size: int | None = None,
+    out_dir: str | os.PathLike | None = None,
 ) -> AMEDTrainResult:
     """Train ``predictor`` in place for AMED-Solver (``solver="amed"``) or AMED-Plugin (``solver`` = base).
 
-    ``noise`` gives unscaled latents: a callable ``(batch, generator) -> Tensor`` or a per-sample shape
-    (drawn in ``dtype`` on ``device``). Each iteration draws a batch, runs ``teacher`` (no AFS) on
-    ``(M+1)(num_steps-1)+1`` timestamps of ``schedule`` and trains interval by interval with Adam
-    (``lr`` 5e-3, the paper's). ``cond(batch, generator)`` may return denoiser conditioning (e.g. labels).
-    Defaults are the paper's AMED-Solver setting (N = 4, M = 1, Heun teacher, time-uniform schedule, AFS:
-    NFE 5). Returns the per-iteration losses and the sampling config for :func:`save_predictor`.
+    The Python form of the ``amed`` method (:class:`~mentor.diffusion.amed_method.AMED`; ``mentor train
+    recipes/diffusion/digits_amed.yaml`` trains one for an ``edm`` run): it builds the method around
+    ``denoiser`` (any denoiser, used as it is: neither moved nor frozen) and ``predictor`` and trains it with the
+    engine, in fp32 on ``device`` (default: the predictor's), in ``out_dir`` (a temporary run directory by
+    default). ``noise`` gives unscaled latents: a callable ``(batch, generator) -> Tensor`` or a per-sample shape
+    (drawn in ``dtype``). Each iteration draws a batch, runs ``teacher`` (no AFS) on ``(M+1)(num_steps-1)+1``
+    timestamps of ``schedule`` and trains interval by interval, one optimizer step each (Adam at ``lr``, the
+    paper's 5e-3). ``cond(batch, generator)`` may return denoiser conditioning (e.g. labels);
+    ``callback(iteration, loss)`` follows each iteration. Defaults are the paper's AMED-Solver setting (N = 4,
+    M = 1, Heun teacher, time-uniform schedule, AFS: NFE 5). The final evaluation samples ``val_size`` (default
+    ``batch``) latents drawn from a generator seeded with 0; the engine seeds torch's generators with ``seed``
+    and the caller's random state is restored. Returns the per-iteration losses, the sampling config for
+    :func:`save_predictor` and the run's summary.
     """
-    kind = "solver" if solver == "amed" else solver
-    if kind != "solver" and kind not in PLUGIN_BASES:
-        raise ValueError(f"solver must be 'amed' or one of {PLUGIN_BASES}, got {solver!r}")
-    order = max_order or (3 if kind == "dpm_solver_pp" else 4)
-    schedule_kw = dict(schedule_kw or {})
-    student_sigmas = get_schedule(schedule, num_steps, **schedule_kw)
-    teacher_sigmas = get_schedule(schedule, (M + 1) * (num_steps - 1) + 1, **schedule_kw)
-    feature = feature or InputFeature()
-    params = [p for p in predictor.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, betas=betas, eps=1e-8)
-    predictor.train()
-    losses: list[float] = []
-    for it in range(iterations):
-        z = draw_noise(noise, batch, generator, dtype, device)
-        c = cond(z.shape[0], generator) if cond is not None else {}
-        x0 = z * teacher_sigmas[0].to(z)
-        with torch.no_grad():
-            traj = SAMPLERS[teacher](denoiser, x0, teacher_sigmas, afs=False, return_trajectory=True, cond=c,
-                                     **(teacher_opts or {}))
-        targets = traj.points[:: M + 1]
-        sig = student_sigmas.to(z)
-        stepper = _AMEDStepper(denoiser, predictor, num_steps - 1, kind=kind, max_order=order, afs=afs,
-                               feature=feature, cond=c)
-        x, total = targets[0], 0.0
-        for i in range(num_steps - 1):
-            out = stepper.step(x, i, sig[i], sig[i + 1])
-            loss = (out - targets[i + 1]).square().sum() / z.shape[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            for p in params:
-                if p.grad is not None:
-                    torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-            opt.step()
-            stepper.detach()
-            total += float(loss.detach())
-            x = targets[i + 1] if stepper.single_step else out.detach()
-        losses.append(total)
-        if callback is not None:
-            callback(it, total)
-    predictor.eval()
-    config = sampling_config(
-        solver="amed_solver" if kind == "solver" else "amed_plugin", num_steps=num_steps, schedule=schedule,
-        schedule_kw=schedule_kw, afs=afs, base=None if kind == "solver" else kind, M=M, teacher=teacher,
-        max_order=None if kind == "solver" else order, scale_dir=predictor.scale_dir,
-        scale_time=predictor.scale_time, feature=feature.describe())
-    return AMEDTrainResult(losses=losses, config=config)
+    from mentor.diffusion.amed_method import train
+
+    return train(denoiser, predictor, noise, num_steps=num_steps, M=M, solver=solver, max_order=max_order,
+                 teacher=teacher, teacher_opts=teacher_opts, schedule=schedule, schedule_kw=schedule_kw, afs=afs,
+                 iterations=iterations, batch=batch, lr=lr, betas=betas, feature=feature, cond=cond,
+                 generator=generator, dtype=dtype, device=device, callback=callback, seed=seed, val_size=val_size,
+                 out_dir=out_dir)
 
 
 def amed_sample(denoiser: Callable, noise: Tensor, predictor: AMEDPredictor, config: dict[str, Any], *,
@@ -551,19 +452,9 @@ def amed_sample(denoiser: Callable, noise: Tensor, predictor: AMEDPredictor, con
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename (nothing half-written is left)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """``torch.save`` through :func:`mentor.fileio.atomic_write`: a temporary file beside ``path``, flushed, then
+    renamed (nothing half-written is left; the file gets the permissions the umask gives)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_predictor(path: str | os.PathLike, predictor: AMEDPredictor, sampling_config: dict[str, Any]) -> None:
@@ -579,7 +470,10 @@ def save_predictor(path: str | os.PathLike, predictor: AMEDPredictor, sampling_c
 
 def load_predictor(path: str | os.PathLike, map_location: str | torch.device = "cpu"
                    ) -> tuple[AMEDPredictor, dict[str, Any]]:
-    """Read a file written by :func:`save_predictor`; returns ``(predictor, sampling_config)``."""
+    """Read a file written by :func:`save_predictor` (or the ``amed.pt`` of an ``amed`` run directory); returns
+    ``(predictor, sampling_config)``."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "amed.pt")
     blob = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
     if not isinstance(blob, dict) or blob.get("format") != "mentor.amed/1":
         raise ValueError(f"{path}: not an AMED predictor file (expected format 'mentor.amed/1')")

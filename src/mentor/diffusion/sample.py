@@ -154,8 +154,9 @@ def _guided(denoiser: nn.Module, info: dict[str, Any], class_label: int | None, 
 # --------------------------------------------------------------------------------------------------
 # solver options and noise
 
-#: Options every sampler takes that sampling sets itself.
-_RESERVED = frozenset({"afs", "return_trajectory", "cond", "callback", "generator", "noise_sampler"})
+#: Options every sampler takes that sampling sets itself (``intermediate`` and ``history`` are AMED's).
+_RESERVED = frozenset({"afs", "return_trajectory", "cond", "callback", "generator", "noise_sampler", "intermediate",
+                       "history"})
 
 
 def solver_options(solver: str, opts: dict[str, Any] | None) -> dict[str, Any]:

@@ -21,6 +21,12 @@ Multistep (one call per step, a bounded history): :func:`ipndm`, :func:`ipndm_v`
 ``callback`` is called once per step with k-diffusion's dict (:data:`Callback`). The trajectory record (points and
 directions) is kept only with ``return_trajectory=True``: without it no direction is computed that the update
 does not need.
+
+Per-step intermediate points (AMED, :mod:`mentor.diffusion.amed`): :func:`euler`, :func:`ipndm`,
+:func:`dpm_solver_pp` and :func:`dpm_solver_2` take ``intermediate=``, a function called at the start of every step
+that returns an :class:`Intermediate` (where the step puts an extra evaluation and how it scales it); the
+multistep :func:`ipndm` and :func:`dpm_solver_pp` also take ``history=`` (a :class:`History`), so that a run can be
+taken one step per call with its multistep history carried from call to call.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -66,6 +72,59 @@ Callback = Callable[[dict], None]
 NoiseSampler = Callable[[Tensor, Tensor], Tensor]
 
 
+@dataclass
+class Intermediate:
+    """Where a step ``sigma_i -> sigma_{i+1}`` puts an extra evaluation, and how it uses it (AMED's per-step data).
+
+    The step becomes two sub-steps of its solver, ``sigma_i -> sigma`` and ``sigma -> sigma_{i+1}``; the denoiser
+    is evaluated at ``x_mid`` for the level ``scale_time * sigma`` (the direction still divides by ``sigma``), and
+    the increment of the second sub-step is multiplied by ``scale_dir``. ``sigma`` is 0-d or one level per sample
+    ``(B,)``, between the step's levels; the scales are numbers, 0-d or ``(B,)``.
+    """
+
+    sigma: Tensor
+    scale_dir: Tensor | float = 1.0
+    scale_time: Tensor | float = 1.0
+
+
+#: ``intermediate(info) -> Intermediate``, called at the start of every step, after the step's first evaluation,
+#: with ``info`` holding ``i``, ``x``, ``sigma`` and ``sigma_next`` as a :data:`Callback` receives them.
+IntermediateFn = Callable[[dict], Intermediate]
+
+
+@dataclass
+class History:
+    """The multistep history :func:`ipndm` and :func:`dpm_solver_pp` carry from one call to the next, so that a run
+    can be taken one step per call (AMED's training steps its student one interval at a time, with an optimizer
+    step in between). A call starts from it and leaves its own history in it.
+
+    ``values``: the directions (iPNDM) or denoiser outputs (DPM-Solver++) of the latest (sub-)steps, newest first;
+    ``lams``: their ``-log sigma`` (DPM-Solver++ only), shaped ``(1 or B, 1, ..., 1)``; ``done``: the (sub-)steps
+    taken before the call; ``total``: the run's number of (sub-)steps, for DPM-Solver++'s lower-order-final rule
+    (``None``: the call ends the run). With ``intermediate`` every step counts two sub-steps.
+    """
+
+    values: list[Tensor] = field(default_factory=list)
+    lams: list[Tensor] = field(default_factory=list)
+    done: int = 0
+    total: int | None = None
+
+
+class _Mid:
+    """An :class:`Intermediate` as the solvers use it: ``sigma`` and the evaluation level ``at`` shaped
+    ``(1 or B, 1, ..., 1)``, and ``scale`` (the direction scale, the same shape, or a number)."""
+
+    def __init__(self, mid: Intermediate, x: Tensor):
+        shape = (-1, *([1] * (x.ndim - 1)))
+
+        def view(v: Tensor | float) -> Tensor:
+            return torch.as_tensor(v, dtype=x.dtype, device=x.device).reshape(shape)
+
+        self.sigma = view(mid.sigma)
+        self.at = view(mid.scale_time) * self.sigma
+        self.scale = view(mid.scale_dir)
+
+
 class _Run:
     """One sampler call: the sigmas in ``x``'s dtype, the counted denoiser, the AFS rule, the recording (kept only
     when a trajectory is asked for) and the per-step callback."""
@@ -75,14 +134,16 @@ class _Run:
                  threshold_ratio: float = 0.995, threshold_max: float = 1.0, callback: Callback | None = None):
         if isinstance(sigmas, Tensor):
             s = sigmas.to(device=x.device, dtype=x.dtype)
-        else:  # a python list: no detour through float32
+            positive = bool((s > 0).all())
+        else:  # a python list: no detour through float32, and checked on the host (no device read)
             s = torch.tensor(sigmas, device=x.device, dtype=x.dtype)
+            positive = _all_positive(sigmas)
         self.batch = x.shape[0]
         if s.ndim == 1:
             s = s[:, None]  # one schedule for the batch: coefficients are computed once, then broadcast
         if s.ndim != 2 or s.shape[1] not in (1, self.batch) or s.shape[0] < 2:
             raise ValueError(f"sigmas must be (N,) or (N, {self.batch}) with N >= 2, got shape {tuple(s.shape)}")
-        if not bool((s > 0).all()):
+        if not positive:
             raise ValueError("sigmas must be positive (the last one is sigma_min > 0; no final 0 is appended)")
         self.flat = s  # (N, 1) or (N, B)
         self.sig = s.reshape(*s.shape, *([1] * (x.ndim - 1)))  # (N, 1 or B, 1, ..., 1)
@@ -157,6 +218,15 @@ class _Run:
         if self.dirs is not None:
             self.dirs.append((x - den) / s)
 
+    def intermediate(self, fn: IntermediateFn, i: int, x: Tensor) -> _Mid:
+        """Step ``i``'s :class:`Intermediate` from ``fn``, asked after the step's first evaluation."""
+        return _Mid(fn({"i": i, "x": x, "sigma": self.level(self.sig[i]), "sigma_next": self.level(self.sig[i + 1])}),
+                    x)
+
+    def mid_direction(self, x_mid: Tensor, mid: _Mid) -> Tensor:
+        """The direction at the intermediate point: ``(x_mid - D(x_mid, scale_time * sigma)) / sigma``."""
+        return (x_mid - self.model(x_mid, mid.at)) / mid.sigma
+
     def push(self, x: Tensor) -> None:
         if self.points is not None:
             self.points.append(x)
@@ -166,6 +236,11 @@ class _Run:
             return x
         assert self.points is not None and self.dirs is not None
         return Trajectory(x=x, points=torch.stack(self.points), nfe=self.calls, directions=torch.stack(self.dirs))
+
+
+def _all_positive(values: Sequence) -> bool:
+    """Every number of a (nested) Python sequence is positive, checked without a tensor."""
+    return all(_all_positive(v) if isinstance(v, (list, tuple)) else v > 0 for v in values)
 
 
 def _threshold(x0: Tensor, ratio: float, max_value: float) -> Tensor:
@@ -189,14 +264,23 @@ def _orders(max_order: int, lo: int, hi: int, name: str) -> int:
 
 def euler(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *, afs: bool = False,
           return_trajectory: bool = False, cond: dict | None = None,
-          callback: Callback | None = None) -> Tensor | Trajectory:
+          callback: Callback | None = None, intermediate: IntermediateFn | None = None) -> Tensor | Trajectory:
     """Euler's method on the probability-flow ODE, ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d_i``.
 
-    In the EDM parametrisation this is DDIM (Song et al., "Denoising Diffusion Implicit Models", 2021).
+    In the EDM parametrisation this is DDIM (Song et al., "Denoising Diffusion Implicit Models", 2021). With
+    ``intermediate`` (:class:`Intermediate`: level ``s``, scales ``c`` and ``a``) each step is two Euler steps,
+    ``x_mid = x_i + (s - sigma_i) d_i`` and ``x_{i+1} = x_mid + c (sigma_{i+1} - s) d_mid`` with
+    ``d_mid = (x_mid - D(x_mid, a s)) / s`` (AMED-Plugin on Euler).
     """
     run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond, callback=callback)
     for i in range(run.steps):
-        x = x + (run.sig[i + 1] - run.sig[i]) * run.start_direction(x, i)
+        if intermediate is None:
+            x = x + (run.sig[i + 1] - run.sig[i]) * run.start_direction(x, i)
+        else:
+            d = run.start_direction(x, i)
+            mid = run.intermediate(intermediate, i, x)
+            x_mid = x + (mid.sigma - run.sig[i]) * d
+            x = x_mid + mid.scale * (run.sig[i + 1] - mid.sigma) * run.mid_direction(x_mid, mid)
         run.push(x)
     return run.result(x, return_trajectory)
 
@@ -221,20 +305,30 @@ def heun(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[f
 
 def dpm_solver_2(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *,
                  afs: bool = False, return_trajectory: bool = False, cond: dict | None = None,
-                 callback: Callback | None = None, r: float = 0.5) -> Tensor | Trajectory:
+                 callback: Callback | None = None, r: float = 0.5,
+                 intermediate: IntermediateFn | None = None) -> Tensor | Trajectory:
     """DPM-Solver-2 (Lu et al., "DPM-Solver", 2022) in the EDM form: an intermediate point at
     ``s_mid = sigma_{i+1}^r sigma_i^(1-r)`` (the geometric midpoint for ``r = 1/2``), then
-    ``x_{i+1} = x_i + h ((1/(2r)) d_mid + (1 - 1/(2r)) d_i)``; two calls per step."""
+    ``x_{i+1} = x_i + h ((1/(2r)) d_mid + (1 - 1/(2r)) d_i)``; two calls per step.
+
+    With ``intermediate`` (:class:`Intermediate`: level ``s``, scales ``c`` and ``a``; ``r`` is then unused) the
+    step is the midpoint rule at ``s``: ``x_mid = x_i + (s - sigma_i) d_i``, ``d_mid = (x_mid - D(x_mid, a s)) / s``,
+    ``x_{i+1} = x_i + c h d_mid`` (AMED-Solver; at ``s = sqrt(sigma_i sigma_{i+1})``, ``c = a = 1`` it is
+    DPM-Solver-2 with ``r = 1/2``)."""
     if not 0.0 < r <= 1.0:
         raise ValueError(f"dpm_solver_2: r must be in (0, 1], got {r}")
     run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond, callback=callback)
     w = 1.0 / (2.0 * r)
     for i in range(run.steps):
         s, s_next = run.sig[i], run.sig[i + 1]
-        s_mid = s_next**r * s ** (1.0 - r)
         d = run.start_direction(x, i)
-        d_mid = run.direction(x + (s_mid - s) * d, s_mid)
-        x = x + (s_next - s) * (w * d_mid + (1.0 - w) * d)
+        if intermediate is None:
+            s_mid = s_next**r * s ** (1.0 - r)
+            d_mid = run.direction(x + (s_mid - s) * d, s_mid)
+            x = x + (s_next - s) * (w * d_mid + (1.0 - w) * d)
+        else:
+            mid = run.intermediate(intermediate, i, x)
+            x = x + mid.scale * (s_next - s) * run.mid_direction(x + (mid.sigma - s) * d, mid)
         run.push(x)
     return run.result(x, return_trajectory)
 
@@ -331,22 +425,40 @@ def _multistep_ab(run: _Run, x: Tensor, max_order: int,
 
 def ipndm(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *, afs: bool = False,
           return_trajectory: bool = False, cond: dict | None = None, max_order: int = 4,
-          callback: Callback | None = None) -> Tensor | Trajectory:
+          callback: Callback | None = None, intermediate: IntermediateFn | None = None,
+          history: History | None = None) -> Tensor | Trajectory:
     """Improved PNDM (Zhang & Chen, 2023; Liu et al., "Pseudo Numerical Methods for Diffusion Models on
     Manifolds", 2022): fixed-step Adams-Bashforth on ``d`` of order ``min(max_order, i + 1)`` at step ``i``
     (lower-order warm-up), with the uniform-step weights :data:`AB_WEIGHTS` whatever the step sizes.
 
     On a non-uniform schedule the fixed weights make it second order asymptotically; :func:`ipndm_v` uses the
-    variable-step weights.
+    variable-step weights. With ``intermediate`` (:class:`Intermediate`: level ``s``, scales ``c`` and ``a``)
+    each step is two Adams-Bashforth sub-steps, ``sigma_i -> s`` and ``s -> sigma_{i+1}``, the second evaluating
+    ``D(x_mid, a s)`` and scaling its increment by ``c``; both directions enter the history, and the weights stay
+    the fixed-step ones although the sub-steps are uneven (AMED-Plugin on iPNDM, as in its reference code).
+    ``history`` (:class:`History`) carries the directions from one call to the next.
     """
     max_order = _orders(max_order, 1, 4, "ipndm")
     run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond, callback=callback)
+    hist: deque[Tensor] = deque(history.values if history is not None else (), maxlen=max_order)
 
-    def weights(i: int, hist: list[Tensor]) -> list[Tensor]:
-        h = run.sig[i + 1] - run.sig[i]
-        return [h * w for w in AB_WEIGHTS[len(hist)]]
+    def increment(h: Tensor) -> Tensor:
+        return sum(c * d for c, d in zip([h * w for w in AB_WEIGHTS[len(hist)]], hist))
 
-    return run.result(_multistep_ab(run, x, max_order, weights), return_trajectory)
+    for i in range(run.steps):
+        hist.appendleft(run.start_direction(x, i))
+        if intermediate is None:
+            x = x + increment(run.sig[i + 1] - run.sig[i])
+        else:
+            mid = run.intermediate(intermediate, i, x)
+            x_mid = x + increment(mid.sigma - run.sig[i])
+            hist.appendleft(run.mid_direction(x_mid, mid))
+            x = x_mid + mid.scale * increment(run.sig[i + 1] - mid.sigma)
+        run.push(x)
+    if history is not None:
+        history.values = list(hist)
+        history.done += run.steps * (1 if intermediate is None else 2)
+    return run.result(x, return_trajectory)
 
 
 def ipndm_v(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *, afs: bool = False,
@@ -435,11 +547,40 @@ def _order_at(i: int, steps: int, max_order: int, lower_order_final: bool) -> in
     return min(order, steps - i) if lower_order_final else order
 
 
+def _dpmpp_step(x: Tensor, outs: deque[Tensor], lams: deque[Tensor], lam_next: Tensor, ratio: Tensor, order: int,
+                w3: float, scale: Tensor | float | None = None) -> Tensor:
+    """One multistep DPM-Solver++ step from ``lams[0]`` to ``lam_next`` (``ratio = sigma_next / sigma``) with the
+    outputs ``outs`` (newest first); ``scale`` (AMED's direction scale) multiplies the data-prediction terms,
+    ``ratio x + scale (...)``; without it they are added one by one."""
+    h = lam_next - lams[0]
+    one_minus = -torch.expm1(-h)  # 1 - e^{-h} = h phi_1(-h)
+    terms = [one_minus * outs[0]]
+    if order == 2:
+        r0 = (lams[0] - lams[1]) / h
+        terms.append(one_minus * (outs[0] - outs[1]) / (2 * r0))
+    elif order == 3:
+        r0, r1 = (lams[0] - lams[1]) / h, (lams[1] - lams[2]) / h
+        d1_0, d1_1 = (outs[0] - outs[1]) / r0, (outs[1] - outs[2]) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)  # ~ h D'
+        d2 = (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 D'' / 2
+        terms += [h * phi(2, -h) * d1, w3 * h * phi(3, -h) * d2]
+    if scale is None:
+        x_next = ratio * x
+        for term in terms:
+            x_next = x_next + term
+        return x_next
+    inc = terms[0]
+    for term in terms[1:]:
+        inc = inc + term
+    return ratio * x + scale * inc
+
+
 def dpm_solver_pp(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | Sequence[float], *,
                   afs: bool = False, return_trajectory: bool = False, cond: dict | None = None,
                   callback: Callback | None = None, max_order: int = 3, third_order: str = "published",
                   lower_order_final: bool = True, thresholding: bool = False, threshold_ratio: float = 0.995,
-                  threshold_max: float = 1.0) -> Tensor | Trajectory:
+                  threshold_max: float = 1.0, intermediate: IntermediateFn | None = None,
+                  history: History | None = None) -> Tensor | Trajectory:
     """Multistep DPM-Solver++ with data prediction (Lu et al., "DPM-Solver++: Fast Solver for Guided Sampling of
     Diffusion Probabilistic Models", 2022): ``max_order = 2`` is 2M, 3 is 3M.
 
@@ -460,30 +601,46 @@ def dpm_solver_pp(denoiser: Callable[..., Tensor], x: Tensor, sigmas: Tensor | S
     With few steps the published form is usually the more accurate (4x at 21 polynomial timestamps; 0.104
     against 0.129 RMSE at NFE 5 of the log-SNR schedule on the digits-fitted Gaussian), the Taylor form from about
     40 polynomial, 10 log-SNR, timestamps on.
+
+    With ``intermediate`` (:class:`Intermediate`: level ``s``, scales ``c`` and ``a``) each step is two multistep
+    sub-steps, ``sigma_i -> s`` and ``s -> sigma_{i+1}``, the second with the output ``D(x_mid, a s)`` and ``c``
+    multiplying its data-prediction terms; both outputs enter the history (with their own ``lambda``, so the
+    sub-steps use the variable-step formulas) and the orders count the ``2(N - 1)`` sub-steps (AMED-Plugin on
+    DPM-Solver++). ``history`` (:class:`History`) carries the outputs, their ``lambda`` and the step count from
+    one call to the next.
     """
     max_order = _orders(max_order, 1, 3, "dpm_solver_pp")
     w3 = third_order_weight(third_order, "dpm_solver_pp")
     run = _Run(denoiser, x, sigmas, afs=afs, record=return_trajectory, cond=cond, thresholding=thresholding,
                threshold_ratio=threshold_ratio, threshold_max=threshold_max, callback=callback)
     lam = -run.sig.log()
-    outs: deque[Tensor] = deque(maxlen=max_order)
+    outs: deque[Tensor] = deque(history.values if history is not None else (), maxlen=max_order)
+    lams: deque[Tensor] = deque(history.lams if history is not None else (), maxlen=max_order)
+    per_step = 1 if intermediate is None else 2
+    done = history.done if history is not None else 0
+    total = history.total if history is not None and history.total is not None else done + per_step * run.steps
+
+    def order() -> int:
+        return min(_order_at(done, total, max_order, lower_order_final), len(outs))
+
     for i in range(run.steps):
         outs.appendleft(run.start_denoised(x, i))
-        order = min(_order_at(i, run.steps, max_order, lower_order_final), len(outs))
-        h = lam[i + 1] - lam[i]
-        one_minus = -torch.expm1(-h)  # 1 - e^{-h} = h phi_1(-h)
-        x_next = (run.sig[i + 1] / run.sig[i]) * x + one_minus * outs[0]
-        if order == 2:
-            r0 = (lam[i] - lam[i - 1]) / h
-            x_next = x_next + one_minus * (outs[0] - outs[1]) / (2 * r0)
-        elif order == 3:
-            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
-            d1_0, d1_1 = (outs[0] - outs[1]) / r0, (outs[1] - outs[2]) / r1
-            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)  # ~ h D'
-            d2 = (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 D'' / 2
-            x_next = x_next + h * phi(2, -h) * d1 + w3 * h * phi(3, -h) * d2
-        x = x_next
+        lams.appendleft(lam[i])
+        if intermediate is None:
+            x = _dpmpp_step(x, outs, lams, lam[i + 1], run.sig[i + 1] / run.sig[i], order(), w3)
+            done += 1
+        else:
+            mid = run.intermediate(intermediate, i, x)
+            lam_mid = -mid.sigma.log()
+            x_mid = _dpmpp_step(x, outs, lams, lam_mid, mid.sigma / run.sig[i], order(), w3, 1.0)
+            outs.appendleft(run.model(x_mid, mid.at))
+            lams.appendleft(lam_mid)
+            done += 1
+            x = _dpmpp_step(x_mid, outs, lams, lam[i + 1], run.sig[i + 1] / mid.sigma, order(), w3, mid.scale)
+            done += 1
         run.push(x)
+    if history is not None:
+        history.values, history.lams, history.done, history.total = list(outs), list(lams), done, total
     return run.result(x, return_trajectory)
 
 
@@ -734,7 +891,8 @@ def nfe(name: str, num_steps: int, afs: bool = False) -> int:
     return calls - 1 if afs else calls
 
 
-__all__ = ["AB_WEIGHTS", "SAMPLERS", "STOCHASTIC", "THIRD_ORDER_WEIGHTS", "Callback", "NoiseSampler", "Trajectory",
+__all__ = ["AB_WEIGHTS", "SAMPLERS", "STOCHASTIC", "THIRD_ORDER_WEIGHTS", "Callback", "History", "Intermediate",
+           "IntermediateFn", "NoiseSampler", "Trajectory",
            "deis", "deis_coefficients", "dpm_solver_2", "dpm_solver_pp", "dpm_solver_pp_2m_sde", "edm_stochastic",
            "euler", "euler_ancestral", "heun", "ipndm", "ipndm_v", "lagrange_step_weights", "nfe", "phi",
            "third_order_weight", "unipc"]

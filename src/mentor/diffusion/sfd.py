@@ -17,6 +17,10 @@ sub-modules of the wrapped denoiser, through forward hooks, so the network's own
 The parameters start at zero, so the wrapper starts out identical to the wrapped denoiser (the paper
 injects a step embedding as an extra scale/shift in every U-Net block, which is the same idea applied to
 chosen modules).
+
+Training runs on the engine as the ``sfd`` method (:mod:`mentor.diffusion.sfd_method`: ``mentor train
+recipes/diffusion/digits_sfd.yaml`` fine-tunes an ``edm`` run and writes ``student.pt``); :func:`sfd_distill` is
+its Python form for networks held in memory.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mentor.diffusion.amed import atomic_save, draw_noise, sampling_config
-from mentor.diffusion.samplers import SAMPLERS, Trajectory, euler
+from mentor.diffusion.amed import atomic_save
+from mentor.diffusion.samplers import Trajectory, euler
 from mentor.diffusion.schedules import get_schedule
 
 
@@ -53,7 +57,9 @@ class StepConditioned(nn.Module):
     or given in ``channels``. The tables start at zero.
 
     Call as ``wrapper(x, sigma, num_steps=n, **cond)`` with ``n`` an int or a per-sample LongTensor;
-    ``num_steps=None`` runs the wrapped denoiser unmodulated.
+    ``num_steps=None`` runs the wrapped denoiser unmodulated. The hooks are attached for the duration of a
+    call only, so a ``copy.deepcopy`` of the wrapper (an EMA copy, a restored checkpoint) modulates with its
+    own tables; an int ``n`` is checked on the host, with no device synchronisation.
     """
 
     def __init__(self, denoiser: nn.Module, modules: Sequence[str], step_counts: Sequence[int] = (4, 5, 6, 7),
@@ -67,9 +73,7 @@ class StepConditioned(nn.Module):
         self.register_buffer("_index", table, persistent=False)
         named = dict(denoiser.named_modules())
         self.film = nn.ModuleList()
-        self._handles = []
-        self._current: Tensor | None = None
-        for k, name in enumerate(self.module_names):
+        for name in self.module_names:
             if name not in named:
                 raise KeyError(f"StepConditioned: {type(denoiser).__name__} has no sub-module {name!r}")
             width = (channels or {}).get(name) or _channels(named[name])
@@ -78,13 +82,10 @@ class StepConditioned(nn.Module):
             emb = nn.Embedding(len(self.step_counts), 2 * width)
             nn.init.zeros_(emb.weight)
             self.film.append(emb)
-            self._handles.append(named[name].register_forward_hook(self._hook(k)))
 
-    def _hook(self, k: int) -> Callable:
-        def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor | None:
-            if self._current is None:
-                return None
-            scale, shift = self.film[k](self._current).to(output.dtype).chunk(2, dim=-1)
+    def _hook(self, k: int, rows: Tensor) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Tensor) -> Tensor:
+            scale, shift = self.film[k](rows).to(output.dtype).chunk(2, dim=-1)
             shape = (scale.shape[0], scale.shape[1]) + (1,) * (output.ndim - 2)
             return output * (1 + scale.reshape(shape)) + shift.reshape(shape)
 
@@ -92,6 +93,10 @@ class StepConditioned(nn.Module):
 
     def index(self, num_steps: int | Tensor, batch: int, device: torch.device) -> Tensor:
         """Row indices ``(B,)`` or ``(1,)`` for ``num_steps``; an unknown count is an error."""
+        if isinstance(num_steps, int) and not isinstance(num_steps, bool):
+            if num_steps not in self.step_counts:
+                raise ValueError(f"StepConditioned was built for step counts {self.step_counts}, got [{num_steps}]")
+            return torch.full((1,), self.step_counts.index(num_steps), dtype=torch.long, device=device)
         n = torch.as_tensor(num_steps, device=device).reshape(-1).long()
         if bool(((n < 0) | (n >= self._index.numel())).any()) or bool((self._index.to(device)[n] < 0).any()):
             raise ValueError(f"StepConditioned was built for step counts {self.step_counts}, got {n.tolist()}")
@@ -100,19 +105,24 @@ class StepConditioned(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor | float, num_steps: int | Tensor | None = None, **cond: Any) -> Tensor:
         if num_steps is None:
             return self.denoiser(x, sigma, **cond)
-        self._current = self.index(num_steps, x.shape[0], x.device)
+        rows = self.index(num_steps, x.shape[0], x.device)
+        handles = [self.denoiser.get_submodule(name).register_forward_hook(self._hook(k, rows))
+                   for k, name in enumerate(self.module_names)]
         try:
             return self.denoiser(x, sigma, **cond)
         finally:
-            self._current = None
+            for handle in handles:
+                handle.remove()
 
 
 @dataclass
 class SFDResult:
-    """Losses per iteration (summed over the trained intervals) and the sampling config to store."""
+    """Losses per iteration (summed over the trained intervals), the sampling config to store, and the engine
+    run's ``summary.json`` (``val_rmse_last``: the student's few-step error against the teacher solver)."""
 
     losses: list[float]
     config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def sfd_distill(
@@ -138,62 +148,34 @@ def sfd_distill(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     callback: Callable[[int, float], None] | None = None,
+    seed: int = 0,
+    val_size: int | None = None,
+    out_dir: str | os.PathLike | None = None,
 ) -> SFDResult:
     """Fine-tune ``student`` in place so that Euler on ``num_steps`` timestamps tracks ``teacher``'s solver.
 
+    The Python form of the ``sfd`` method (:class:`~mentor.diffusion.sfd_method.SFD`): it builds the method
+    around these networks and trains it with the engine for ``iterations`` iterations of ``batch`` samples, each
+    one optimizer step per trained interval (Adam at ``lr``, ``betas``; the rate divided by ten from iteration
+    ``ceil(lr_drop_at * iterations)`` on), in fp32 on ``device`` (default: the student's). The run directory is
+    ``out_dir`` (a temporary one by default); the engine's ``summary.json`` comes back in the result.
+
     ``noise`` gives unscaled latents (``(batch, generator) -> Tensor`` or a per-sample shape drawn in
-    ``dtype`` on ``device``). ``teacher_opts`` default to ``{"max_order": 3}`` for DPM-Solver++ (3M).
-    With ``step_counts`` (e.g. ``(4, 5, 6, 7)``) each iteration draws its ``num_steps`` from it (with
-    ``generator``) and calls ``student(x, sigma, num_steps=n)`` (wrap it in :class:`StepConditioned`).
-    ``cond(batch, generator)`` may return denoiser conditioning. Returns the losses and the sampling config.
+    ``dtype``). ``teacher_opts`` default to ``{"max_order": 3}`` for DPM-Solver++ (3M); ``teacher`` is any
+    denoiser, used as it is (neither moved nor frozen). With ``step_counts`` (e.g. ``(4, 5, 6, 7)``) each
+    iteration's ``num_steps`` is drawn from it (all of them with ``generator``, before training) and the student
+    is called as ``student(x, sigma, num_steps=n)`` (wrap it in :class:`StepConditioned`).
+    ``cond(batch, generator)`` may return denoiser conditioning. ``callback(iteration, loss)`` follows each
+    iteration. The final evaluation samples ``val_size`` (default ``batch``) latents drawn from a generator
+    seeded with 0. The engine seeds torch's generators with ``seed``; the caller's random state is restored.
     """
-    if teacher_opts is None:
-        teacher_opts = {"max_order": 3} if teacher_solver == "dpm_solver_pp" else {}
-    schedule_kw = dict(schedule_kw or {})
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, betas=betas)
-    counts = tuple(int(n) for n in step_counts) if step_counts else None
-    student.train()
-    losses: list[float] = []
-    dropped = False
-    for it in range(iterations):
-        if not dropped and it >= lr_drop_at * iterations:
-            for group in opt.param_groups:
-                group["lr"] = lr / 10
-            dropped = True
-        n = num_steps
-        if counts:
-            n = counts[int(torch.randint(len(counts), (1,), generator=generator))]
-        z = draw_noise(noise, batch, generator, dtype, device)
-        c = cond(z.shape[0], generator) if cond is not None else {}
-        student_cond = dict(c, num_steps=n) if counts else c
-        sig = get_schedule(schedule, n, **schedule_kw).to(z)
-        fine = get_schedule(schedule, (M + 1) * (n - 1) + 1, **schedule_kw)
-        with torch.no_grad():
-            traj = SAMPLERS[teacher_solver](teacher, z * fine[0].to(z), fine, afs=False, return_trajectory=True,
-                                            cond=c, **teacher_opts)
-        targets = traj.points[:: M + 1]
-        x, total = targets[0], 0.0
-        for i in range(n - 1):
-            t_cur, t_next = sig[i], sig[i + 1]
-            if afs and i == 0:
-                x = x + (t_next - t_cur) * x / torch.sqrt(1 + t_cur**2)
-                continue
-            out = x + (t_next - t_cur) * (x - student(x, t_cur, **student_cond)) / t_cur
-            loss = (out - targets[i + 1]).abs().sum() / z.shape[0]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            x = out.detach()
-        losses.append(total)
-        if callback is not None:
-            callback(it, total)
-    student.eval()
-    config = sampling_config(solver="euler", num_steps=num_steps, schedule=schedule, schedule_kw=schedule_kw,
-                             afs=afs, M=M, teacher=teacher_solver, teacher_opts=dict(teacher_opts),
-                             step_counts=list(counts) if counts else None)
-    return SFDResult(losses=losses, config=config)
+    from mentor.diffusion.sfd_method import distill
+
+    return distill(student, teacher, noise, num_steps=num_steps, M=M, teacher_solver=teacher_solver,
+                   teacher_opts=teacher_opts, schedule=schedule, schedule_kw=schedule_kw, afs=afs,
+                   iterations=iterations, batch=batch, lr=lr, betas=betas, lr_drop_at=lr_drop_at,
+                   step_counts=step_counts, cond=cond, generator=generator, dtype=dtype, device=device,
+                   callback=callback, seed=seed, val_size=val_size, out_dir=out_dir)
 
 
 def sfd_sample(student: Callable, noise: Tensor, config: dict[str, Any], *, num_steps: int | None = None,

@@ -164,8 +164,9 @@ def source_splits(cfg: RunConfig, method_cls: type[Method]) -> Splits:
 class Trainer:
     """Runs one recipe to completion (or resumes it) and writes the run directory."""
 
-    def __init__(self, cfg: RunConfig, splits: Splits | None = None):
-        """``splits`` replaces the recipe's dataset with tensors the caller already has."""
+    def __init__(self, cfg: RunConfig, splits: Splits | None = None, method: Method | None = None):
+        """``splits`` replaces the recipe's dataset with tensors the caller already has; ``method`` the method the
+        recipe would build (a Python API holding its networks in memory, e.g. ``mentor.diffusion.sfd_distill``)."""
         console_logging()  # progress on the console when the program has set up no logging
         self.cfg = cfg
         t = cfg.trainer
@@ -208,7 +209,8 @@ class Trainer:
         # The student's initial weights depend on the seed only, not on the rank: every rank and
         # every method of a paired comparison starts from the same network.
         torch.manual_seed(t.seed)
-        self.method = build_method(cfg, self.splits, self.device, self.inputs.steps_per_epoch)
+        self.method = method if method is not None else \
+            build_method(cfg, self.splits, self.device, self.inputs.steps_per_epoch)
         self.method.to(self.device)
         if t.channels_last:
             self.method.to(memory_format=torch.channels_last)
@@ -652,6 +654,7 @@ class Trainer:
                 raise KeyboardInterrupt
             summary = self._summary()
             if self.is_main:
+                self.method.finish(self.run_dir)  # the method's own files (SFD's student) before the summary
                 ckpt.atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
 

@@ -77,6 +77,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -331,6 +332,11 @@ class Method(nn.Module):
         """Numbers the method adds to ``summary.json`` at the end of a run (a data-free method's count of
         synthesised images); read once, on the host."""
         return {}
+
+    def finish(self, run_dir: Path) -> None:
+        """On the main process at the end of a run, after the test pass and before ``summary.json`` is written:
+        files the method adds to its run directory (SFD's student file), each written atomically. Nothing by
+        default."""
 
     def warnings(self, max_steps: int, ema: float | None) -> list[str]:
         """Settings of this run that likely defeat its purpose, logged once when it starts (rank 0). The

@@ -119,4 +119,6 @@ BUILTIN: dict[str, str] = {
     "cadtrans": "mentor.adapt.cadtrans",
     # diffusion
     "edm": "mentor.diffusion.edm",
+    "amed": "mentor.diffusion.amed_method",
+    "sfd": "mentor.diffusion.sfd_method",
 }

@@ -16,7 +16,8 @@ from mentor.registry import Registry
 from .ecosystem import create_external, is_external
 
 # Models registered by a family's package are found without importing it first.
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model", lazy={"edm_unet": "mentor.diffusion.unet"})
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", lazy={"edm_unet": "mentor.diffusion.unet",
+                                                                    "amed_predictor": "mentor.diffusion.amed_method"})
 
 
 def register_model(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
