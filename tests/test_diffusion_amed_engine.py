@@ -41,14 +41,6 @@ EDM_RECIPE = ROOT / "recipes" / "diffusion" / "digits_edm.yaml"
 AMED_RECIPE = ROOT / "recipes" / "diffusion" / "digits_amed.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # --------------------------------------------------------------------------------------------------
 # the implementation before the change, as it computed (mentor/diffusion/amed.py: _AMEDStepper, train_amed)
 

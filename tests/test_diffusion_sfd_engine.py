@@ -28,14 +28,6 @@ QUIET = ["trainer.progress=false", "trainer.threads=1"]
 F64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def edm_run(tmp_path_factory):
     """A tiny digits EDM run (12 steps of the digits recipe): the teacher."""

@@ -367,6 +367,23 @@ def draw_noise(noise: Callable[..., Tensor] | Sequence[int] | Tensor, batch: int
     return torch.randn((batch, *tuple(int(s) for s in noise)), generator=generator, dtype=dtype, device=device)
 
 
+def validation_batches(val_size: int, val_seed: int, shape: Sequence[int], num_labels: int, batch: int,
+                       device: torch.device, val_batch: Callable[[], tuple[Tensor, dict]] | None = None
+                       ) -> list[tuple[Tensor, dict]]:
+    """The fixed validation noise of a sampler-distillation method (AMED, SFD) in batches of ``batch`` with its
+    conditioning: ``val_size`` latents of ``shape`` from ``val_seed`` and, for a class-conditional teacher, labels
+    cycling through the classes; or what ``val_batch()`` returns (a caller's own latents and conditioning)."""
+    if val_batch is not None:
+        z_all, c_all = val_batch()
+    else:
+        g = torch.Generator().manual_seed(val_seed)
+        z_all = torch.randn((val_size, *shape), generator=g).to(device)
+        c_all = {"class_labels": torch.arange(val_size, device=device) % num_labels} if num_labels else {}
+    return [(z_all[start:start + batch], {k: v[start:start + batch] if isinstance(v, Tensor) else v
+                                          for k, v in c_all.items()})
+            for start in range(0, z_all.shape[0], batch)]
+
+
 def sampling_config(*, solver: str, num_steps: int, schedule: str, schedule_kw: dict | None, afs: bool,
                     **extra: Any) -> dict[str, Any]:
     """The plain-dict sampling configuration stored beside trained weights (AMED and SFD)."""

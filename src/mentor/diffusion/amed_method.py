@@ -54,6 +54,7 @@ from .amed import (
     draw_noise,
     sampling_config,
     save_predictor,
+    validation_batches,
 )
 from .samplers import SAMPLERS, STOCHASTIC, History, Intermediate, nfe
 from .schedules import SCHEDULES, get_schedule
@@ -408,18 +409,9 @@ class AMED(Method):
         key = ("val", str(device))
         if key in self._cache:
             return self._cache[key]
-        if self._val_batch is not None:
-            z_all, c_all = self._val_batch()
-        else:
-            g = torch.Generator().manual_seed(self.cfg.val_seed)
-            z_all = torch.randn((self.cfg.val_size, *self.points.shape[2:]), generator=g).to(device)
-            c_all = {"class_labels": torch.arange(self.cfg.val_size, device=device) % self.num_labels} \
-                if self.num_labels else {}
         parts = []
-        b = self.cfg.batch_size
-        for start in range(0, z_all.shape[0], b):
-            z = z_all[start:start + b]
-            cond = {k: v[start:start + b] if isinstance(v, Tensor) else v for k, v in c_all.items()}
+        for z, cond in validation_batches(self.cfg.val_size, self.cfg.val_seed, self.points.shape[2:],
+                                          self.num_labels, self.cfg.batch_size, device, self._val_batch):
             with autocast():
                 ref = self.teacher_sample(z, cond, False)
                 base = self.sample(None, z, cond)

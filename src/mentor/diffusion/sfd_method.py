@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..config import COUNT, MAX_BATCH, PATH, SEED, ConfigError, between, each, rules
 from ..errors import CheckpointError, GraphCaptureError, SampleError, TeacherError
 from ..methods.base import NO_DATA, BuildInfo, Method, MethodConfig, StepContext, register_method
-from .amed import draw_noise, sampling_config
+from .amed import draw_noise, sampling_config, validation_batches
 from .samplers import SAMPLERS, STOCHASTIC, nfe
 from .schedules import SCHEDULES, get_schedule
 from .sfd import SFDResult, StepConditioned, load_student, save_student, sfd_sample
@@ -385,18 +385,9 @@ class SFD(Method):
         key = ("val", n, str(device))
         if key in self._cache:
             return self._cache[key]
-        if self._val_batch is not None:
-            z_all, c_all = self._val_batch()
-        else:
-            g = torch.Generator().manual_seed(self.cfg.val_seed)
-            z_all = torch.randn((self.cfg.val_size, *self.x.shape[1:]), generator=g).to(device)
-            c_all = {"class_labels": torch.arange(self.cfg.val_size, device=device) % self.num_labels} \
-                if self.num_labels else {}
         parts = []
-        b = self.cfg.batch_size
-        for start in range(0, z_all.shape[0], b):
-            z = z_all[start:start + b]
-            cond = {k: v[start:start + b] if isinstance(v, Tensor) else v for k, v in c_all.items()}
+        for z, cond in validation_batches(self.cfg.val_size, self.cfg.val_seed, self.x.shape[1:], self.num_labels,
+                                          self.cfg.batch_size, device, self._val_batch):
             with autocast():
                 ref = self._teacher_sample(z, n, cond, False)
             parts.append((z, cond, ref))
