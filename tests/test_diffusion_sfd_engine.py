@@ -145,6 +145,18 @@ def test_student_file_score_and_sampling(edm_run, tmp_path):
     noise = torch.randn((5, 1, 8, 8), generator=torch.Generator().manual_seed(3))
     a, b = sfd_sample(loaded, noise, cfg), sfd_sample(fresh, noise, config)
     assert torch.equal(a, b) and torch.equal(a, sfd_sample(trainer.method.student.eval(), noise, config))
+    # `mentor sample RUN` reads an sfd run: its student with its own configuration, into the same PNG grid
+    from mentor.cli import main
+    from mentor.diffusion.edm import to_images
+    from mentor.diffusion.sample import image_grid, initial_noise, write_png
+
+    assert main(["sample", str(out), "--n", "6", "--seed", "3", "--out", str(tmp_path / "grid.png"),
+                 "--device", "cpu"]) == 0
+    expected = image_grid(to_images(sfd_sample(loaded, initial_noise(6, (1, 8, 8), 3), cfg).float()))
+    write_png(tmp_path / "expected.png", expected)
+    assert (tmp_path / "grid.png").read_bytes() == (tmp_path / "expected.png").read_bytes()
+    assert main(["sample", str(out), "--class-label", "1", "--out", str(tmp_path / "bad.png")]) == 2
+    assert not (tmp_path / "bad.png").exists()
 
 
 def test_step_conditioned_run_and_its_copies(edm_run, tmp_path):

@@ -272,6 +272,9 @@ def sample_to_png(run_dir: str | Path, out: str | Path, *, solver: str = "ipndm"
 
     if n < 1:
         raise SampleError(f"--n must be >= 1, got {n}")
+    if _method_of(run_dir) == "sfd":
+        return _sfd_to_png(run_dir, out, n=n, seed=seed, class_label=class_label, device=device, nrow=nrow,
+                           scale=scale)
     denoiser, info = load_edm(run_dir, ema=ema, device=device)
     opts = parse_solver_options(solver_opts) if solver_opts is not None and not isinstance(solver_opts, dict) \
         else solver_opts
@@ -288,3 +291,37 @@ def sample_to_png(run_dir: str | Path, out: str | Path, *, solver: str = "ipndm"
     return {"out": str(out), "n": n, "size": [int(grid.shape[2]), int(grid.shape[1])], "checkpoint": info["checkpoint"],
             "ema": info["ema"], "solver": solver, "nfe": nfe, **({} if guidance is None else {"guidance": guidance}),
             **({"solver_opts": opts} if opts else {})}
+
+
+def _method_of(run_dir: str | Path) -> str | None:
+    """The method named in a run directory's ``config.yaml`` (None when there is none to read)."""
+    import yaml
+
+    path = Path(run_dir) / "config.yaml"
+    try:
+        return ((yaml.safe_load(path.read_text()) or {}).get("method") or {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def _sfd_to_png(run_dir: str | Path, out: str | Path, *, n: int, seed: int, class_label: int | None, device: str,
+                nrow: int | None, scale: int) -> dict[str, Any]:
+    """An ``sfd`` run's student sampled with its own stored configuration (Euler, its step count) into a grid."""
+    from .edm import to_images
+    from .sfd import sfd_sample
+    from .sfd_method import load_sfd
+
+    student, config, info = load_sfd(run_dir, device=device)
+    dev = next(student.parameters()).device
+    noise = initial_noise(n, tuple(info["image_shape"]), seed).to(dev)
+    cond = {}
+    labels = _labels({"num_classes": info.get("num_classes"), "conditional": info.get("conditional")}, class_label)
+    if info.get("conditional"):
+        cond["class_labels"] = torch.full((n,), labels, device=dev) if labels is not None else \
+            torch.arange(n, device=dev) % info["num_classes"]
+    x = sfd_sample(student, noise, config, cond=cond).float().cpu()
+    grid = image_grid(to_images(x), nrow=nrow, scale=scale)
+    write_png(out, grid)
+    nfe = config["num_steps"] - 1 - int(bool(config.get("afs")))
+    return {"out": str(out), "n": n, "size": [int(grid.shape[2]), int(grid.shape[1])], "checkpoint": str(run_dir),
+            "solver": "sfd (euler)", "nfe": nfe}
