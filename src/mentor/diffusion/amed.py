@@ -49,6 +49,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -382,6 +383,20 @@ def validation_batches(val_size: int, val_seed: int, shape: Sequence[int], num_l
     return [(z_all[start:start + batch], {k: v[start:start + batch] if isinstance(v, Tensor) else v
                                           for k, v in c_all.items()})
             for start in range(0, z_all.shape[0], batch)]
+
+
+def selected_weights(net: nn.Module, run_dir: str | os.PathLike, what: str) -> nn.Module:
+    """A copy of ``net`` holding the weights the run's ``best.pt`` selected (``net`` as it is where no evaluation was
+    finite and there is no ``best.pt``): what AMED's and SFD's runs write as their predictor / student file."""
+    import copy
+
+    from ..engine import checkpoint as ckpt
+
+    out = copy.deepcopy(net)
+    best = Path(run_dir) / "best.pt"
+    if best.exists():
+        ckpt.load_weights(out, ckpt.load(best, map_location="cpu")["model"], best, what)
+    return out
 
 
 def sampling_config(*, solver: str, num_steps: int, schedule: str, schedule_kw: dict | None, afs: bool,

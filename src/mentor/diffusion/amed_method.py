@@ -26,7 +26,6 @@ builds this method around a denoiser held in memory and trains it with the engin
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import tempfile
@@ -54,6 +53,7 @@ from .amed import (
     draw_noise,
     sampling_config,
     save_predictor,
+    selected_weights,
     validation_batches,
 )
 from .samplers import SAMPLERS, STOCHASTIC, History, Intermediate, nfe
@@ -428,13 +428,8 @@ class AMED(Method):
     def finish(self, run_dir: Path) -> None:
         """Write ``amed.pt`` (:func:`~mentor.diffusion.amed.save_predictor`): the weights ``best.pt`` selected, or
         the last ones where no evaluation was finite."""
-        from ..engine import checkpoint as ckpt
-
-        net = copy.deepcopy(self.student)
-        best = Path(run_dir) / "best.pt"
-        if best.exists():
-            ckpt.load_weights(net, ckpt.load(best, map_location="cpu")["model"], best, "the AMED predictor")
-        save_predictor(Path(run_dir) / PREDICTOR_FILE, net, self.sampling_config())
+        save_predictor(Path(run_dir) / PREDICTOR_FILE, selected_weights(self.student, run_dir, "the AMED predictor"),
+                       self.sampling_config())
 
     def warnings(self, max_steps: int, ema: float | None) -> list[str]:
         out = super().warnings(max_steps, ema)

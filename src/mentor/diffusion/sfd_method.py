@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..config import COUNT, MAX_BATCH, PATH, SEED, ConfigError, between, each, rules
 from ..errors import CheckpointError, GraphCaptureError, SampleError, TeacherError
 from ..methods.base import NO_DATA, BuildInfo, Method, MethodConfig, StepContext, register_method
-from .amed import draw_noise, sampling_config, validation_batches
+from .amed import draw_noise, sampling_config, selected_weights, validation_batches
 from .samplers import SAMPLERS, STOCHASTIC, nfe
 from .schedules import SCHEDULES, get_schedule
 from .sfd import SFDResult, StepConditioned, load_student, save_student, sfd_sample
@@ -401,13 +401,8 @@ class SFD(Method):
     def finish(self, run_dir: Path) -> None:
         """Write ``student.pt`` (:func:`~mentor.diffusion.sfd.save_student`): the weights ``best.pt`` selected, or
         the last ones where no evaluation was finite."""
-        from ..engine import checkpoint as ckpt
-
-        net = copy.deepcopy(self.student)
-        best = Path(run_dir) / "best.pt"
-        if best.exists():
-            ckpt.load_weights(net, ckpt.load(best, map_location="cpu")["model"], best, "the SFD student")
-        save_student(Path(run_dir) / STUDENT_FILE, net, self.sampling_config())
+        save_student(Path(run_dir) / STUDENT_FILE, selected_weights(self.student, run_dir, "the SFD student"),
+                     self.sampling_config())
 
     def warnings(self, max_steps: int, ema: float | None) -> list[str]:
         out = super().warnings(max_steps, ema)

@@ -132,6 +132,19 @@ class FeatureDistiller(Distiller):
         return self.cfg.beta, {}
 
 
+class StageMapDistiller(FeatureDistiller):
+    """A feature distiller over paired stages' feature maps (NST, VID, ...): ``method.layers`` /
+    ``method.teacher_layers`` paired by :func:`pair_stages`, every tapped feature a map ``[B, C, H, W]``."""
+
+    def layers(self) -> tuple[list[str], list[str]]:
+        c = self.cfg
+        return pair_stages(self.method_name, self.student, self.teacher, c.layers, c.teacher_layers)
+
+    def build(self, student_shapes, teacher_shapes) -> None:
+        check_maps(self.method_name, self.s_names, student_shapes, "student")
+        check_maps(self.method_name, self.t_names, teacher_shapes, "teacher")
+
+
 @register_method("fitnet")
 class FitNet(FeatureDistiller):
     """FitNets (Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015): a convolutional

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..methods import register_method
-from .fitnet import FeatureDistiller, FeatureKDConfig, check_maps, pair_stages
+from .fitnet import FeatureKDConfig, StageMapDistiller
 from .losses.distribution import nst_loss
 
 
 @register_method("nst")
-class NST(FeatureDistiller):
+class NST(StageMapDistiller):
     """NST (Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer", 2017):
     at every paired stage, the squared MMD with the polynomial kernel (d = 2, c = 0) between the
     student's and the teacher's channel-wise L2-normalised activation maps
@@ -28,14 +28,6 @@ class NST(FeatureDistiller):
         teacher_layers: list[str] = field(default_factory=list)
 
     term = "nst"
-
-    def layers(self) -> tuple[list[str], list[str]]:
-        c = self.cfg
-        return pair_stages(self.method_name, self.student, self.teacher, c.layers, c.teacher_layers)
-
-    def build(self, student_shapes, teacher_shapes) -> None:
-        check_maps(self.method_name, self.s_names, student_shapes, "student")
-        check_maps(self.method_name, self.t_names, teacher_shapes, "teacher")
 
     def feature_loss(self, fs, ft, batch):
         return nst_loss(fs, ft), {}

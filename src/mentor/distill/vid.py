@@ -11,7 +11,7 @@ from ..config import NON_NEGATIVE, POSITIVE, ConfigError, rules
 from ..methods import BuildInfo, register_method
 from ..nn import align_spatial
 from ..nn.projectors import conv_block
-from .fitnet import FeatureDistiller, FeatureKDConfig, check_maps, pair_stages
+from .fitnet import FeatureKDConfig, StageMapDistiller
 from .losses.distribution import vid_alpha_init, vid_loss, vid_variance
 
 
@@ -36,7 +36,7 @@ class GaussianRegressor(nn.Module):
 
 
 @register_method("vid")
-class VID(FeatureDistiller):
+class VID(StageMapDistiller):
     """VID (Ahn et al., "Variational Information Distillation for Knowledge Transfer", CVPR 2019): at
     every paired stage a :class:`GaussianRegressor` (sized by the dry run) predicts the teacher's map from
     the student's (pooled to the smaller resolution first), and the loss is the Gaussian negative
@@ -68,13 +68,8 @@ class VID(FeatureDistiller):
                               "the variance is softplus(alpha) + eps; the defaults are 5.0 and 1e-5")
         super().__init__(cfg, student, info)
 
-    def layers(self) -> tuple[list[str], list[str]]:
-        c = self.cfg
-        return pair_stages(self.method_name, self.student, self.teacher, c.layers, c.teacher_layers)
-
     def build(self, student_shapes, teacher_shapes) -> None:
-        check_maps(self.method_name, self.s_names, student_shapes, "student")
-        check_maps(self.method_name, self.t_names, teacher_shapes, "teacher")
+        super().build(student_shapes, teacher_shapes)
         c = self.cfg
         self.regressors = nn.ModuleList(GaussianRegressor(s[1], t[1], c.init_pred_var, c.eps)
                                         for s, t in zip(student_shapes, teacher_shapes))
