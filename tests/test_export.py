@@ -236,8 +236,9 @@ def test_other_wrappers_rebuild_from_their_spec(name):
 
 SMALL = ["resnet8", "resnet20", "resnet8x4", "wrn_16_1", "vgg8", "mobilenetv2", "shufflenetv1", "shufflenetv2",
          "vit_tiny", "gfnet_tiny"]
-# every other zoo classifier (edm_unet is a diffusion denoiser; test_* are the test suite's own networks)
-LARGE = [n for n in list_models() if n not in SMALL and n != "edm_unet" and not n.startswith("test_")]
+# every other zoo classifier (edm_unet and amed_predictor belong to diffusion; test_* are the suite's own networks)
+DIFFUSION = {"edm_unet", "amed_predictor"}
+LARGE = [n for n in list_models() if n not in SMALL and n not in DIFFUSION and not n.startswith("test_")]
 
 
 def _script_matches_eager(name):
