@@ -518,6 +518,7 @@ def train(denoiser: Callable, predictor: nn.Module, noise: Callable[..., Tensor]
                                                   progress=False, ema=None),
                             out_dir=str(out), resume=False)
             cfg.model.name = "amed_predictor"
+            cfg.data.name, cfg.data.batch_size = "noise", batch  # what the run header reports
             devices = [dev.index or 0] if dev.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):  # the engine seeds torch's generators: leave the caller's be
                 summary = Trainer(cfg, splits, method=method).fit(force=True)

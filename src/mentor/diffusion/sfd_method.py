@@ -529,6 +529,7 @@ def distill(student: nn.Module, teacher: Callable, noise: Callable[..., Tensor] 
                                               seed=seed, device=str(dev), precision="fp32", progress=False),
                         out_dir=str(out), resume=False)
         cfg.model.name = type(student).__name__
+        cfg.data.name, cfg.data.batch_size = "noise", batch  # what the run header reports
         devices = [dev.index or 0] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # the engine seeds torch's generators: leave the caller's be
             summary = Trainer(cfg, splits, method=method).fit(force=True)

@@ -1,0 +1,309 @@
+"""The founding diffusion papers' headline claims, tested on a trained EDM model with many samples and seeds.
+
+Each claim compares a method with its baseline at the same number of denoiser evaluations (NFE):
+
+- AMED-Plugin on iPNDM against plain iPNDM, NFE 3-6 (AMED, CVPR 2024);
+- AMED-Solver against DPM-Solver-2, NFE 3-6 (AMED);
+- GITS timestamps against the polynomial schedule, for iPNDM and Euler, NFE 4-6 (GITS, ICML 2024);
+- SFD's few-step student (Euler, AFS) against its teacher, DPM-Solver++(3M) on the (M+1)(N-1)+1 grid, and
+  against iPNDM at the student's NFE, NFE 2-4 (SFD, NeurIPS 2024).
+
+The measure is the Fréchet distance (and KID) of ``--n`` samples on the penultimate features of a classifier
+trained on the same data (``FD-FMNIST``; not FID) against the real test images. Every method of one seed starts
+from the same noise (``initial_noise(n, shape, seed)``), so the seeds pair the comparisons: a claim holds when the
+mean of the per-seed differences (method - baseline) is negative by more than 2 std of those differences.
+
+What is trained (AMED predictors, GITS schedules, SFD students) sees other noise than the samples scored. It is
+trained once (seed 0) and cached in ``<out>/trained/``; finished cells are cached in ``<out>/cells.json``, so
+the command can be stopped and started again.
+
+    python benchmarks/diffusion_claims.py --run runs/diffusion/fmnist_edm_cpu \\
+        --classifier runs/supervised/fmnist_resnet20 --n 10000 --seeds 0 1 2 --out runs/bench/diffusion/claims
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mentor.diffusion import (
+    SAMPLERS,
+    AMEDPredictor,
+    ClassifierFeatures,
+    FeatureHook,
+    InputFeature,
+    amed_sample,
+    frechet_distance,
+    gaussian_stats,
+    gits_schedule,
+    kid,
+    load_edm,
+    load_predictor,
+    load_student,
+    save_predictor,
+    save_student,
+    sfd_distill,
+    sfd_sample,
+    train_amed,
+)
+from mentor.diffusion.bench import AMED_SETTINGS, budget
+from mentor.diffusion.sample import initial_noise
+from mentor.diffusion.schedules import get_schedule
+from mentor.engine.trainer import hardware_name
+from mentor.fileio import atomic_write_bytes
+
+AMED_NFE = (3, 4, 5, 6)
+GITS_NFE = (4, 5, 6)
+SFD_NFE = (2, 3, 4)
+SFD_M = 3  # the paper's M: the teacher takes M extra steps inside every student interval
+
+
+class Claims:
+    """The trained pieces and the sampling of one EDM run."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out = Path(args.out)
+        self.trained = self.out / "trained"
+        self.trained.mkdir(parents=True, exist_ok=True)
+        self.device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device
+        self.device = "cpu" if self.device == "auto" else self.device
+        self.den, self.info = load_edm(args.run, device=self.device)
+        self.den.requires_grad_(False)
+        self.shape = tuple(self.info["image_shape"])
+        self.skw = {"sigma_min": float(self.info["sigma_min"]), "sigma_max": float(self.info["sigma_max"])}
+
+    def say(self, text: str) -> None:
+        print(f"{datetime.datetime.now():%H:%M:%S} {text}", file=sys.stderr, flush=True)
+
+    # -- trained pieces (seed 0, noise the scored samples never use) ---------------------------------------
+    def feature(self):
+        return FeatureHook(self.den, self.args.feature_module) if self.args.feature_module else InputFeature()
+
+    def amed(self, key: str, target: int) -> tuple[AMEDPredictor, dict]:
+        path = self.trained / f"{key}_nfe{target}.pt"
+        if not path.exists():
+            setting = AMED_SETTINGS[key]
+            steps, afs = budget("amed", target)
+            self.say(f"training {setting['label']} for NFE {target} ({self.args.amed_iterations} iterations)")
+            torch.manual_seed(0)
+            predictor = AMEDPredictor(**setting["predictor"]).to(self.device)
+            feature = self.feature()
+            try:
+                res = train_amed(self.den, predictor, self.shape, num_steps=steps, M=setting["M"],
+                                 solver=setting["solver"], teacher=setting["teacher"], schedule=setting["schedule"],
+                                 schedule_kw=self.skw, afs=afs, iterations=self.args.amed_iterations,
+                                 batch=self.args.train_batch, feature=feature,
+                                 generator=torch.Generator(self.device).manual_seed(1000 + target),
+                                 device=self.device, out_dir=self.trained / f"{key}_nfe{target}_run")
+            finally:
+                if isinstance(feature, FeatureHook):
+                    feature.remove()
+            config = dict(res.config, feature_module=self.args.feature_module)
+            save_predictor(path, predictor, config)
+        return load_predictor(path, map_location=self.device)
+
+    def gits(self, solver: str, target: int) -> Tensor:
+        path = self.trained / f"gits_{solver}_nfe{target}.pt"
+        if not path.exists():
+            steps, _ = budget(solver, target)
+            self.say(f"searching GITS timestamps for {solver} at NFE {target}")
+            res = gits_schedule(self.den, self.shape, steps, teacher="ipndm", teacher_steps=61,
+                                num_samples=self.args.gits_samples, batch=self.args.gits_samples, seed=2000 + target,
+                                device=self.device, **self.skw)
+            torch.save(res.sigmas.cpu(), path)
+        return torch.load(path, weights_only=True)
+
+    def sfd(self, target: int) -> tuple[torch.nn.Module, dict]:
+        path = self.trained / f"sfd_nfe{target}.pt"
+        student = copy.deepcopy(self.den)
+        if not path.exists():
+            steps = target + 2  # Euler with AFS: N - 2 evaluations
+            self.say(f"distilling an SFD student for NFE {target} ({self.args.sfd_iterations} iterations)")
+            student.requires_grad_(True)
+            res = sfd_distill(student, self.den, self.shape, num_steps=steps, M=SFD_M, schedule="polynomial",
+                              schedule_kw=self.skw, afs=True, iterations=self.args.sfd_iterations,
+                              batch=self.args.train_batch,
+                              generator=torch.Generator(self.device).manual_seed(3000 + target),
+                              device=self.device, out_dir=self.trained / f"sfd_nfe{target}_run")
+            save_student(path, student, res.config)
+        config = load_student(path, student, map_location=self.device)
+        return student.requires_grad_(False), config
+
+    # -- the sampled cells ---------------------------------------------------------------------------------
+    def cells(self) -> list[tuple[str, int, Callable[[Tensor], Tensor]]]:
+        """(method label, NFE, sampler of unscaled noise) for every cell of the claims."""
+        den, skw = self.den, self.skw
+        out: list[tuple[str, int, Callable[[Tensor], Tensor]]] = []
+
+        def plain(solver: str, target: int, schedule: str = "polynomial", sigmas: Tensor | None = None,
+                  **opts) -> Callable[[Tensor], Tensor]:
+            steps, afs = budget(solver, target)
+            s = sigmas if sigmas is not None else get_schedule(schedule, steps, **skw)
+            return lambda z: SAMPLERS[solver](den, z * s[0].to(z), s.to(z), afs=afs, **opts)
+
+        for t in sorted(set(AMED_NFE) | set(SFD_NFE) | set(GITS_NFE)):
+            out.append(("iPNDM", t, plain("ipndm", t)))
+        for t in AMED_NFE:
+            out.append(("DPM-Solver-2", t, plain("dpm_solver_2", t)))
+        for t in GITS_NFE:
+            out.append(("Euler", t, plain("euler", t)))
+        for t in AMED_NFE:
+            out.append(("AMED-Plugin (iPNDM)", t, self._amed_sampler("amed_plugin_ipndm", t)))
+            out.append(("AMED-Solver", t, self._amed_sampler("amed_solver", t)))
+        for t in GITS_NFE:
+            out.append(("iPNDM + GITS", t, plain("ipndm", t, sigmas=self.gits("ipndm", t))))
+            out.append(("Euler + GITS", t, plain("euler", t, sigmas=self.gits("euler", t))))
+        for t in SFD_NFE:
+            steps = t + 2
+            grid = get_schedule("polynomial", (SFD_M + 1) * (steps - 1) + 1, **skw)
+            teacher_nfe = (SFD_M + 1) * (steps - 1)
+            out.append((f"SFD teacher (DPM-Solver++(3M), NFE {teacher_nfe})", t,
+                        lambda z, g=grid: SAMPLERS["dpm_solver_pp"](den, z * g[0].to(z), g.to(z), max_order=3)))
+            out.append(("SFD", t, self._sfd_sampler(t)))
+        return out
+
+    def _amed_sampler(self, key: str, target: int) -> Callable[[Tensor], Tensor]:
+        predictor, config = self.amed(key, target)
+        predictor = predictor.float()
+
+        def run(z: Tensor) -> Tensor:
+            feature = self.feature()  # hooked for this batch only
+            try:
+                return amed_sample(self.den, z, predictor, config, feature=feature)
+            finally:
+                if isinstance(feature, FeatureHook):
+                    feature.remove()
+        return run
+
+    def _sfd_sampler(self, target: int) -> Callable[[Tensor], Tensor]:
+        student, config = self.sfd(target)
+        return lambda z: sfd_sample(student, z, config)
+
+
+def cell_key(label: str, nfe: int, seed: int) -> str:
+    return f"{label} | {nfe} | {seed}"
+
+
+def claims_table(results: dict[str, dict], seeds: list[int], tag: str) -> list[str]:
+    """The claims: method against baseline per NFE, FD mean ± std over seeds and the paired difference."""
+    def fd(label: str, nfe: int) -> list[float]:
+        return [results[cell_key(label, nfe, s)][f"FD-{tag}"] for s in seeds
+                if cell_key(label, nfe, s) in results]
+
+    pairs = ([("AMED-Plugin (iPNDM)", "iPNDM", t) for t in AMED_NFE]
+             + [("AMED-Solver", "DPM-Solver-2", t) for t in AMED_NFE]
+             + [("iPNDM + GITS", "iPNDM", t) for t in GITS_NFE]
+             + [("Euler + GITS", "Euler", t) for t in GITS_NFE]
+             + [("SFD", "iPNDM", t) for t in SFD_NFE])
+    teachers = {t: next((k.split(" | ")[0] for k in results if k.startswith("SFD teacher") and
+                         k.split(" | ")[1] == str(t)), None) for t in SFD_NFE}
+    pairs += [("SFD", teachers[t], t) for t in SFD_NFE if teachers[t]]
+    rows = [f"| method | baseline | NFE | FD-{tag} method | FD-{tag} baseline | paired difference | claim |",
+            "|---|---|---|---|---|---|---|"]
+    for method, base, t in pairs:
+        a, b = fd(method, t), fd(base, t)
+        if not a or len(a) != len(b):
+            continue
+        diff = [x - y for x, y in zip(a, b)]
+        m = statistics.mean(diff)
+        sd = statistics.stdev(diff) if len(diff) > 1 else float("nan")
+        verdict = ("holds" if m < 0 and abs(m) > 2 * sd else "reversed" if m > 0 and abs(m) > 2 * sd
+                   else "not separated")
+        rows.append(f"| {method} | {base} | {t} | {_ms(a)} | {_ms(b)} | {m:+.3f} ± {sd:.3f} | {verdict} |")
+    return rows
+
+
+def _ms(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs) if len(xs) > 1 else 0.0:.3f}"
+
+
+def cells_table(results: dict[str, dict], seeds: list[int], tag: str) -> list[str]:
+    labels: dict[tuple[str, int], None] = {}
+    for k in results:
+        label, nfe, _ = k.split(" | ")
+        labels[(label, int(nfe))] = None
+    rows = [f"| method | NFE | FD-{tag} | KID-{tag} ×1000 | sampling s per seed |", "|---|---|---|---|---|"]
+    for label, nfe in sorted(labels, key=lambda x: (x[1], x[0])):
+        got = [results[cell_key(label, nfe, s)] for s in seeds if cell_key(label, nfe, s) in results]
+        seconds = statistics.mean(g["seconds"] for g in got)
+        rows.append(f"| {label} | {nfe} | {_ms([g[f'FD-{tag}'] for g in got])} | "
+                    f"{_ms([1000 * g[f'KID-{tag}'] for g in got])} | {seconds:.0f} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="an edm run directory")
+    p.add_argument("--classifier", required=True, help="a `mentor train` classifier run on the same data")
+    p.add_argument("--n", type=int, default=10000, help="samples per cell and seed")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", required=True, help="output folder (trained pieces, cells.json, claims.md)")
+    p.add_argument("--feature-module", default="net.mid", help="the U-Net module the AMED predictor reads")
+    p.add_argument("--amed-iterations", type=int, default=160, help="AMED: iterations (x batch = trajectories)")
+    p.add_argument("--sfd-iterations", type=int, default=200, help="SFD: iterations (x batch = trajectories)")
+    p.add_argument("--train-batch", type=int, default=64)
+    p.add_argument("--gits-samples", type=int, default=256)
+    p.add_argument("--batch", type=int, default=100, help="sampling batch")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.time()
+    claims = Claims(args)
+    feats = ClassifierFeatures(args.classifier, device=claims.device)
+    tag = feats.tag
+    ref = feats(feats.images("test"))
+    ref_stats = gaussian_stats(ref)
+    store = claims.out / "cells.json"
+    results: dict[str, dict] = json.loads(store.read_text()) if store.exists() else {}
+    cells = claims.cells()
+    claims.say(f"{len(cells)} cells x {len(args.seeds)} seeds, {args.n} samples each")
+    for seed in args.seeds:
+        noise = initial_noise(args.n, claims.shape, seed)
+        for label, nfe, fn in cells:
+            key = cell_key(label, nfe, seed)
+            if key in results:
+                continue
+            start = time.time()
+            with torch.no_grad():
+                feats_out = torch.cat([feats(fn(noise[i:i + args.batch].to(claims.device)).float().clamp(-1, 1))
+                                       for i in range(0, args.n, args.batch)])
+            seconds = time.time() - start
+            fd = frechet_distance(*gaussian_stats(feats_out), *ref_stats)
+            k = kid(feats_out, ref, num_subsets=100, subset_size=1000)
+            if not (math.isfinite(fd) and math.isfinite(k)):
+                raise RuntimeError(f"{key}: non-finite FD/KID ({fd}, {k})")
+            results[key] = {f"FD-{tag}": fd, f"KID-{tag}": k, "seconds": seconds}
+            atomic_write_bytes(store, json.dumps(results, indent=1).encode())
+            claims.say(f"seed {seed}: {label} NFE {nfe}: FD {fd:.3f} ({seconds:.0f} s)")
+    cmd = " ".join(argv if argv is not None else sys.argv[1:])
+    head = [f"Command: `python benchmarks/diffusion_claims.py {cmd}`", "",
+            f"Run `{args.run}` (step {claims.info['step']}, EMA {claims.info['ema']}); {args.n:,} samples per cell "
+            f"and seed, seeds {', '.join(map(str, args.seeds))} (shared noise within a seed); reference: the "
+            f"{len(ref):,} test images; classifier `{args.classifier}`; AMED {args.amed_iterations} iterations x "
+            f"{args.train_batch}, SFD {args.sfd_iterations} iterations x {args.train_batch}, GITS "
+            f"{args.gits_samples} iPNDM trajectories of 61 timestamps; {hardware_name(torch.device(claims.device))}, "
+            f"torch {torch.__version__}, {datetime.date.today().isoformat()}, {(time.time() - t0) / 60:.0f} min.",
+            ""]
+    body = claims_table(results, args.seeds, tag) + [""] + cells_table(results, args.seeds, tag)
+    text = "\n".join(head + body) + "\n"
+    atomic_write_bytes(claims.out / "claims.md", text.encode())
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
