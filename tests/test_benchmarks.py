@@ -82,3 +82,70 @@ def test_datafree_sweep_recipes_are_valid_and_give_every_method_the_same_student
             assert cfg.method.batch_size == bench.PLANS[plan]["batch"]
         else:
             assert cfg.trainer.max_steps == want and cfg.data.batch_size == bench.PLANS[plan]["batch"]
+
+
+def test_diffusion_claims_verdicts_by_hand():
+    claims = load("diffusion_claims")
+    tag = "digits"
+
+    def cell(fd):
+        return {f"FD-{tag}": fd, f"KID-{tag}": 0.0, "seconds": 1.0}
+
+    results = {}
+    # AMED-Plugin at NFE 3: per-seed differences -1.0, -1.2, -0.8 (mean -1.0, std 0.2): holds
+    for seed, (a, b) in enumerate([(4.0, 5.0), (3.8, 5.0), (4.2, 5.0)]):
+        results[claims.cell_key("AMED-Plugin (iPNDM)", 3, seed)] = cell(a)
+        results[claims.cell_key("iPNDM", 3, seed)] = cell(b)
+    # AMED-Solver at NFE 4: differences +1, -1, +0.5: not separated
+    for seed, (a, b) in enumerate([(6.0, 5.0), (4.0, 5.0), (5.5, 5.0)]):
+        results[claims.cell_key("AMED-Solver", 4, seed)] = cell(a)
+        results[claims.cell_key("DPM-Solver-2", 4, seed)] = cell(b)
+    # SFD at NFE 2 against its teacher: differences +2.0, +2.1, +1.9: reversed
+    for seed, (a, b) in enumerate([(3.0, 1.0), (3.1, 1.0), (2.9, 1.0)]):
+        results[claims.cell_key("SFD", 2, seed)] = cell(a)
+        results[claims.cell_key("SFD teacher (DPM-Solver++(3M), NFE 12)", 2, seed)] = cell(b)
+    rows = claims.claims_table(results, [0, 1, 2], tag)[2:]
+    assert len(rows) == 3  # pairs without cells are left out
+    assert rows[0].startswith("| AMED-Plugin (iPNDM) | iPNDM | 3 | 4.000 ± 0.200 | 5.000 ± 0.000 | -1.000 ± 0.200 |")
+    assert rows[0].endswith("| holds |")
+    assert "| +0.167 ± 1.041 | not separated |" in rows[1]
+    assert rows[2].startswith("| SFD | SFD teacher (DPM-Solver++(3M), NFE 12) | 2 |") and rows[2].endswith("reversed |")
+
+
+@pytest.mark.slow
+def test_diffusion_claims_runs_end_to_end_and_resumes(tmp_path):
+    pytest.importorskip("sklearn")
+    import json
+
+    from mentor.config import load_config
+    from mentor.engine import train
+
+    quiet = ["trainer.progress=false", "trainer.threads=1"]
+    edm = tmp_path / "edm"
+    train(load_config(ROOT / "recipes/diffusion/digits_edm.yaml", [
+        f"out_dir={edm}", "data.batch_size=32", *quiet, "model.kwargs={channels: 16, channel_mult: [1, 2], "
+        "num_blocks: 1, attention: false}", "trainer.max_steps=12", "trainer.eval_every=12", "trainer.ckpt_every=12",
+        "trainer.ema=0.9", "schedule.warmup_steps=10", "method.eval_sigmas=2"]))
+    clf = tmp_path / "clf"
+    train(load_config(ROOT / "recipes/supervised/digits_resnet8.yaml", [
+        f"out_dir={clf}", *quiet, "trainer.max_steps=10", "trainer.eval_every=10", "trainer.ckpt_every=10",
+        "schedule.warmup_steps=2"]))
+    claims = load("diffusion_claims")
+    out = tmp_path / "claims"
+    argv = ["--run", str(edm), "--classifier", str(clf), "--n", "40", "--seeds", "0", "1", "--out", str(out),
+            "--amed-iterations", "1", "--sfd-iterations", "1", "--train-batch", "8", "--gits-samples", "8",
+            "--batch", "20", "--threads", "1"]
+    assert claims.main(argv) == 0
+    cells = json.loads((out / "cells.json").read_text())
+    # every method at each of its NFE, for both seeds
+    labels = {k.split(" | ")[0] for k in cells}
+    assert {"iPNDM", "DPM-Solver-2", "Euler", "AMED-Plugin (iPNDM)", "AMED-Solver", "iPNDM + GITS", "Euler + GITS",
+            "SFD"} <= labels
+    assert len(cells) == 2 * 32
+    text = (out / "claims.md").read_text()
+    assert text.count("| AMED-Plugin (iPNDM) | iPNDM |") == 4 and text.count("| SFD | SFD teacher") == 3
+    # the trained pieces are reused: a second call trains nothing and keeps every cell
+    trained = {p.name: p.stat().st_mtime_ns for p in (out / "trained").glob("*.pt")}
+    assert claims.main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "trained").glob("*.pt")} == trained
+    assert json.loads((out / "cells.json").read_text()) == cells
