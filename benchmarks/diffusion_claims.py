@@ -15,7 +15,8 @@ mean of the per-seed differences (method - baseline) is negative by more than 2 
 
 What is trained (AMED predictors, GITS schedules, SFD students) sees other noise than the samples scored. It is
 trained once (seed 0) and cached in ``<out>/trained/``; finished cells are cached in ``<out>/cells.json``, so
-the command can be stopped and started again.
+the command can be stopped and started again. With ``--train-only`` first, processes given different ``--seeds``
+can sample into the same folder at once; a last call with every seed writes the table.
 
     python benchmarks/diffusion_claims.py --run runs/diffusion/fmnist_edm_cpu \\
         --classifier runs/supervised/fmnist_resnet20 --n 10000 --seeds 0 1 2 --out runs/bench/diffusion/claims
@@ -26,13 +27,15 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import fcntl
 import json
 import math
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -66,7 +69,15 @@ from mentor.fileio import atomic_write_bytes
 AMED_NFE = (3, 4, 5, 6)
 GITS_NFE = (4, 5, 6)
 SFD_NFE = (2, 3, 4)
-SFD_M = 3  # the paper's M: the teacher takes M extra steps inside every student interval
+CLAIMS = ("amed_plugin", "amed_solver", "gits", "sfd")
+
+
+class Cell(NamedTuple):
+    """One method at one NFE; ``make()`` builds (training what it needs, once) its sampler of unscaled noise."""
+
+    label: str
+    nfe: int
+    make: Callable[[], Callable[[Tensor], Tensor]]
 
 
 class Claims:
@@ -101,7 +112,7 @@ class Claims:
             predictor = AMEDPredictor(**setting["predictor"]).to(self.device)
             feature = self.feature()
             try:
-                res = train_amed(self.den, predictor, self.shape, num_steps=steps, M=setting["M"],
+                res = train_amed(self.den, predictor, self.shape, num_steps=steps, M=self.args.amed_M or setting["M"],
                                  solver=setting["solver"], teacher=setting["teacher"], schedule=setting["schedule"],
                                  schedule_kw=self.skw, afs=afs, iterations=self.args.amed_iterations,
                                  batch=self.args.train_batch, feature=feature,
@@ -132,7 +143,7 @@ class Claims:
             steps = target + 2  # Euler with AFS: N - 2 evaluations
             self.say(f"distilling an SFD student for NFE {target} ({self.args.sfd_iterations} iterations)")
             student.requires_grad_(True)
-            res = sfd_distill(student, self.den, self.shape, num_steps=steps, M=SFD_M, schedule="polynomial",
+            res = sfd_distill(student, self.den, self.shape, num_steps=steps, M=self.args.sfd_M, schedule="polynomial",
                               schedule_kw=self.skw, afs=True, iterations=self.args.sfd_iterations,
                               batch=self.args.train_batch,
                               generator=torch.Generator(self.device).manual_seed(3000 + target),
@@ -142,37 +153,47 @@ class Claims:
         return student.requires_grad_(False), config
 
     # -- the sampled cells ---------------------------------------------------------------------------------
-    def cells(self) -> list[tuple[str, int, Callable[[Tensor], Tensor]]]:
-        """(method label, NFE, sampler of unscaled noise) for every cell of the claims."""
-        den, skw = self.den, self.skw
-        out: list[tuple[str, int, Callable[[Tensor], Tensor]]] = []
+    def cells(self, claims: Sequence[str] = CLAIMS) -> list[Cell]:
+        """Every cell the named claims compare (baselines included once), each with a lazy sampler."""
+        den, skw, m = self.den, self.skw, self.args.sfd_M
+        want: dict[tuple[str, int], Cell] = {}
 
-        def plain(solver: str, target: int, schedule: str = "polynomial", sigmas: Tensor | None = None,
-                  **opts) -> Callable[[Tensor], Tensor]:
+        def add(label: str, t: int, make: Callable[[], Callable[[Tensor], Tensor]]) -> None:
+            want.setdefault((label, t), Cell(label, t, make))
+
+        def plain(solver: str, target: int, sigmas: Callable[[], Tensor] | None = None):
             steps, afs = budget(solver, target)
-            s = sigmas if sigmas is not None else get_schedule(schedule, steps, **skw)
-            return lambda z: SAMPLERS[solver](den, z * s[0].to(z), s.to(z), afs=afs, **opts)
 
-        for t in sorted(set(AMED_NFE) | set(SFD_NFE) | set(GITS_NFE)):
-            out.append(("iPNDM", t, plain("ipndm", t)))
-        for t in AMED_NFE:
-            out.append(("DPM-Solver-2", t, plain("dpm_solver_2", t)))
-        for t in GITS_NFE:
-            out.append(("Euler", t, plain("euler", t)))
-        for t in AMED_NFE:
-            out.append(("AMED-Plugin (iPNDM)", t, self._amed_sampler("amed_plugin_ipndm", t)))
-            out.append(("AMED-Solver", t, self._amed_sampler("amed_solver", t)))
-        for t in GITS_NFE:
-            out.append(("iPNDM + GITS", t, plain("ipndm", t, sigmas=self.gits("ipndm", t))))
-            out.append(("Euler + GITS", t, plain("euler", t, sigmas=self.gits("euler", t))))
-        for t in SFD_NFE:
-            steps = t + 2
-            grid = get_schedule("polynomial", (SFD_M + 1) * (steps - 1) + 1, **skw)
-            teacher_nfe = (SFD_M + 1) * (steps - 1)
-            out.append((f"SFD teacher (DPM-Solver++(3M), NFE {teacher_nfe})", t,
-                        lambda z, g=grid: SAMPLERS["dpm_solver_pp"](den, z * g[0].to(z), g.to(z), max_order=3)))
-            out.append(("SFD", t, self._sfd_sampler(t)))
-        return out
+            def make() -> Callable[[Tensor], Tensor]:
+                s = sigmas() if sigmas is not None else get_schedule("polynomial", steps, **skw)
+                return lambda z: SAMPLERS[solver](den, z * s[0].to(z), s.to(z), afs=afs)
+            return make
+
+        for claim in claims:
+            if claim == "amed_plugin":
+                for t in AMED_NFE:
+                    add("iPNDM", t, plain("ipndm", t))
+                    add("AMED-Plugin (iPNDM)", t, lambda t=t: self._amed_sampler("amed_plugin_ipndm", t))
+            elif claim == "amed_solver":
+                for t in AMED_NFE:
+                    add("DPM-Solver-2", t, plain("dpm_solver_2", t))
+                    add("AMED-Solver", t, lambda t=t: self._amed_sampler("amed_solver", t))
+            elif claim == "gits":
+                for t in GITS_NFE:
+                    for solver, label in (("ipndm", "iPNDM"), ("euler", "Euler")):
+                        add(label, t, plain(solver, t))
+                        add(f"{label} + GITS", t, plain(solver, t, sigmas=lambda s=solver, t=t: self.gits(s, t)))
+            elif claim == "sfd":
+                for t in SFD_NFE:
+                    steps = t + 2  # Euler with AFS spends N - 2 evaluations
+                    grid = get_schedule("polynomial", (m + 1) * (steps - 1) + 1, **skw)
+                    add("iPNDM", t, plain("ipndm", t))
+                    add(f"SFD teacher (DPM-Solver++(3M), NFE {(m + 1) * (steps - 1)})", t,
+                        lambda g=grid: lambda z: SAMPLERS["dpm_solver_pp"](den, z * g[0].to(z), g.to(z), max_order=3))
+                    add("SFD", t, lambda t=t: self._sfd_sampler(t))
+            else:
+                raise ValueError(f"unknown claim {claim!r}; known: {', '.join(CLAIMS)}")
+        return sorted(want.values(), key=lambda c: (c.nfe, c.label))
 
     def _amed_sampler(self, key: str, target: int) -> Callable[[Tensor], Tensor]:
         predictor, config = self.amed(key, target)
@@ -190,6 +211,18 @@ class Claims:
     def _sfd_sampler(self, target: int) -> Callable[[Tensor], Tensor]:
         student, config = self.sfd(target)
         return lambda z: sfd_sample(student, z, config)
+
+
+def merge_cells(store: Path, new: dict[str, dict] | None = None) -> dict[str, dict]:
+    """The finished cells in ``store``, with ``new`` added under a lock (processes sampling other seeds into the
+    same folder add theirs)."""
+    with open(store.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        cells = json.loads(store.read_text()) if store.exists() else {}
+        if new:
+            cells.update(new)
+            atomic_write_bytes(store, json.dumps(cells, indent=1).encode())
+    return cells
 
 
 def cell_key(label: str, nfe: int, seed: int) -> str:
@@ -253,10 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-module", default="net.mid", help="the U-Net module the AMED predictor reads")
     p.add_argument("--amed-iterations", type=int, default=160, help="AMED: iterations (x batch = trajectories)")
     p.add_argument("--sfd-iterations", type=int, default=200, help="SFD: iterations (x batch = trajectories)")
+    p.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=CLAIMS, help="which claims to test")
+    p.add_argument("--amed-M", type=int, default=None, help="AMED's teacher steps per interval (default: the "
+                   "paper's, 1 for AMED-Solver, 2 for AMED-Plugin)")
+    p.add_argument("--sfd-M", type=int, default=3, help="SFD's teacher steps per student interval (the paper's 3)")
     p.add_argument("--train-batch", type=int, default=64)
     p.add_argument("--gits-samples", type=int, default=256)
     p.add_argument("--batch", type=int, default=100, help="sampling batch")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--train-only", action="store_true",
+                   help="train the AMED predictors, GITS schedules and SFD students, then stop (several processes "
+                        "can then sample different --seeds into the same --out at once)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
     if args.threads:
@@ -268,15 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     ref = feats(feats.images("test"))
     ref_stats = gaussian_stats(ref)
     store = claims.out / "cells.json"
-    results: dict[str, dict] = json.loads(store.read_text()) if store.exists() else {}
-    cells = claims.cells()
+    results = merge_cells(store)
+    cells = claims.cells(args.claims)
+    if args.train_only:
+        for cell in cells:
+            cell.make()
+        return 0
     claims.say(f"{len(cells)} cells x {len(args.seeds)} seeds, {args.n} samples each")
     for seed in args.seeds:
         noise = initial_noise(args.n, claims.shape, seed)
-        for label, nfe, fn in cells:
+        for cell in cells:
+            label, nfe = cell.label, cell.nfe
             key = cell_key(label, nfe, seed)
             if key in results:
                 continue
+            fn = cell.make()
             start = time.time()
             with torch.no_grad():
                 feats_out = torch.cat([feats(fn(noise[i:i + args.batch].to(claims.device)).float().clamp(-1, 1))
@@ -286,15 +332,15 @@ def main(argv: list[str] | None = None) -> int:
             k = kid(feats_out, ref, num_subsets=100, subset_size=1000)
             if not (math.isfinite(fd) and math.isfinite(k)):
                 raise RuntimeError(f"{key}: non-finite FD/KID ({fd}, {k})")
-            results[key] = {f"FD-{tag}": fd, f"KID-{tag}": k, "seconds": seconds}
-            atomic_write_bytes(store, json.dumps(results, indent=1).encode())
+            results = merge_cells(store, {key: {f"FD-{tag}": fd, f"KID-{tag}": k, "seconds": seconds}})
             claims.say(f"seed {seed}: {label} NFE {nfe}: FD {fd:.3f} ({seconds:.0f} s)")
     cmd = " ".join(argv if argv is not None else sys.argv[1:])
     head = [f"Command: `python benchmarks/diffusion_claims.py {cmd}`", "",
             f"Run `{args.run}` (step {claims.info['step']}, EMA {claims.info['ema']}); {args.n:,} samples per cell "
             f"and seed, seeds {', '.join(map(str, args.seeds))} (shared noise within a seed); reference: the "
             f"{len(ref):,} test images; classifier `{args.classifier}`; AMED {args.amed_iterations} iterations x "
-            f"{args.train_batch}, SFD {args.sfd_iterations} iterations x {args.train_batch}, GITS "
+            f"{args.train_batch} (M {args.amed_M or 'as published'}, feature `{args.feature_module or 'input'}`), "
+            f"SFD {args.sfd_iterations} iterations x {args.train_batch} (M {args.sfd_M}), GITS "
             f"{args.gits_samples} iPNDM trajectories of 61 timestamps; {hardware_name(torch.device(claims.device))}, "
             f"torch {torch.__version__}, {datetime.date.today().isoformat()}, {(time.time() - t0) / 60:.0f} min.",
             ""]
