@@ -78,6 +78,7 @@ class Cell(NamedTuple):
     label: str
     nfe: int
     make: Callable[[], Callable[[Tensor], Tensor]]
+    trained: bool = False  # the sampler needs a trained piece (AMED predictor, GITS schedule, SFD student)
 
 
 class Claims:
@@ -158,8 +159,8 @@ class Claims:
         den, skw, m = self.den, self.skw, self.args.sfd_M
         want: dict[tuple[str, int], Cell] = {}
 
-        def add(label: str, t: int, make: Callable[[], Callable[[Tensor], Tensor]]) -> None:
-            want.setdefault((label, t), Cell(label, t, make))
+        def add(label: str, t: int, make: Callable[[], Callable[[Tensor], Tensor]], trained: bool = False) -> None:
+            want.setdefault((label, t), Cell(label, t, make, trained))
 
         def plain(solver: str, target: int, sigmas: Callable[[], Tensor] | None = None):
             steps, afs = budget(solver, target)
@@ -173,16 +174,17 @@ class Claims:
             if claim == "amed_plugin":
                 for t in AMED_NFE:
                     add("iPNDM", t, plain("ipndm", t))
-                    add("AMED-Plugin (iPNDM)", t, lambda t=t: self._amed_sampler("amed_plugin_ipndm", t))
+                    add("AMED-Plugin (iPNDM)", t, lambda t=t: self._amed_sampler("amed_plugin_ipndm", t), True)
             elif claim == "amed_solver":
                 for t in AMED_NFE:
                     add("DPM-Solver-2", t, plain("dpm_solver_2", t))
-                    add("AMED-Solver", t, lambda t=t: self._amed_sampler("amed_solver", t))
+                    add("AMED-Solver", t, lambda t=t: self._amed_sampler("amed_solver", t), True)
             elif claim == "gits":
                 for t in GITS_NFE:
                     for solver, label in (("ipndm", "iPNDM"), ("euler", "Euler")):
                         add(label, t, plain(solver, t))
-                        add(f"{label} + GITS", t, plain(solver, t, sigmas=lambda s=solver, t=t: self.gits(s, t)))
+                        add(f"{label} + GITS", t, plain(solver, t, sigmas=lambda s=solver, t=t: self.gits(s, t)),
+                            True)
             elif claim == "sfd":
                 for t in SFD_NFE:
                     steps = t + 2  # Euler with AFS spends N - 2 evaluations
@@ -190,7 +192,7 @@ class Claims:
                     add("iPNDM", t, plain("ipndm", t))
                     add(f"SFD teacher (DPM-Solver++(3M), NFE {(m + 1) * (steps - 1)})", t,
                         lambda g=grid: lambda z: SAMPLERS["dpm_solver_pp"](den, z * g[0].to(z), g.to(z), max_order=3))
-                    add("SFD", t, lambda t=t: self._sfd_sampler(t))
+                    add("SFD", t, lambda t=t: self._sfd_sampler(t), True)
             else:
                 raise ValueError(f"unknown claim {claim!r}; known: {', '.join(CLAIMS)}")
         return sorted(want.values(), key=lambda c: (c.nfe, c.label))
@@ -286,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--feature-module", default="net.mid", help="the U-Net module the AMED predictor reads")
     p.add_argument("--amed-iterations", type=int, default=160, help="AMED: iterations (x batch = trajectories)")
     p.add_argument("--sfd-iterations", type=int, default=200, help="SFD: iterations (x batch = trajectories)")
+    p.add_argument("--baselines-only", action="store_true",
+                   help="sample only the cells that need nothing trained (to run beside a --train-only process)")
     p.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=CLAIMS, help="which claims to test")
     p.add_argument("--amed-M", type=int, default=None, help="AMED's teacher steps per interval (default: the "
                    "paper's, 1 for AMED-Solver, 2 for AMED-Plugin)")
@@ -310,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     store = claims.out / "cells.json"
     results = merge_cells(store)
     cells = claims.cells(args.claims)
+    if args.baselines_only:
+        cells = [c for c in cells if not c.trained]
     if args.train_only:
         for cell in cells:
             cell.make()

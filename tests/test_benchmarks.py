@@ -135,13 +135,21 @@ def test_diffusion_claims_runs_end_to_end_and_resumes(tmp_path):
     argv = ["--run", str(edm), "--classifier", str(clf), "--n", "40", "--seeds", "0", "1", "--out", str(out),
             "--amed-iterations", "1", "--sfd-iterations", "1", "--train-batch", "8", "--gits-samples", "8",
             "--batch", "20", "--threads", "1"]
+    # the cells that need nothing trained first, as a process beside a --train-only one samples them
+    assert claims.main([*argv, "--baselines-only"]) == 0
+    first = json.loads((out / "cells.json").read_text())
+    assert {k.split(" | ")[0] for k in first} == {"iPNDM", "DPM-Solver-2", "Euler",
+                                                   "SFD teacher (DPM-Solver++(3M), NFE 12)",
+                                                   "SFD teacher (DPM-Solver++(3M), NFE 16)",
+                                                   "SFD teacher (DPM-Solver++(3M), NFE 20)"}
+    assert not list((out / "trained").glob("*.pt"))
     assert claims.main(argv) == 0
     cells = json.loads((out / "cells.json").read_text())
     # every method at each of its NFE, for both seeds
     labels = {k.split(" | ")[0] for k in cells}
     assert {"iPNDM", "DPM-Solver-2", "Euler", "AMED-Plugin (iPNDM)", "AMED-Solver", "iPNDM + GITS", "Euler + GITS",
             "SFD"} <= labels
-    assert len(cells) == 2 * 32
+    assert len(cells) == 2 * 32 and all(cells[k] == v for k, v in first.items())
     text = (out / "claims.md").read_text()
     assert text.count("| AMED-Plugin (iPNDM) | iPNDM |") == 4 and text.count("| SFD | SFD teacher") == 3
     # the trained pieces are reused: a second call trains nothing and keeps every cell
