@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sfd-iterations", type=int, default=200, help="SFD: iterations (x batch = trajectories)")
     p.add_argument("--baselines-only", action="store_true",
                    help="sample only the cells that need nothing trained (to run beside a --train-only process)")
+    p.add_argument("--trained-only", action="store_true",
+                   help="sample only the cells of trained pieces (the complement of --baselines-only)")
     p.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=CLAIMS, help="which claims to test")
     p.add_argument("--amed-M", type=int, default=None, help="AMED's teacher steps per interval (default: the "
                    "paper's, 1 for AMED-Solver, 2 for AMED-Plugin)")
@@ -303,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                         "can then sample different --seeds into the same --out at once)")
     p.add_argument("--device", default="auto")
     args = p.parse_args(argv)
+    if args.baselines_only and args.trained_only:
+        p.error("--baselines-only and --trained-only exclude each other")
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
@@ -314,8 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     store = claims.out / "cells.json"
     results = merge_cells(store)
     cells = claims.cells(args.claims)
-    if args.baselines_only:
-        cells = [c for c in cells if not c.trained]
+    if args.baselines_only or args.trained_only:
+        cells = [c for c in cells if c.trained == args.trained_only]
     if args.train_only:
         for cell in cells:
             cell.make()
