@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.gits_samples} iPNDM trajectories of 61 timestamps; {hardware_name(torch.device(claims.device))}, "
             f"torch {torch.__version__}, {datetime.date.today().isoformat()}, {(time.time() - t0) / 60:.0f} min.",
             ""]
+    train = feats.images("train")[:args.n]
+    floor = frechet_distance(*gaussian_stats(feats(train)), *ref_stats)
+    head.insert(-1, f"Floor: {len(train):,} real training images against the test images, FD-{tag} {floor:.3f}.")
     body = claims_table(results, args.seeds, tag) + [""] + cells_table(results, args.seeds, tag)
     text = "\n".join(head + body) + "\n"
     atomic_write_bytes(claims.out / "claims.md", text.encode())
