@@ -293,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trained-only", action="store_true",
                    help="sample only the cells of trained pieces (the complement of --baselines-only)")
     p.add_argument("--claims", nargs="+", default=list(CLAIMS), choices=CLAIMS, help="which claims to test")
+    p.add_argument("--nfe", type=int, nargs="+", default=None, help="only these NFE (default: each claim's)")
     p.add_argument("--amed-M", type=int, default=None, help="AMED's teacher steps per interval (default: the "
                    "paper's, 1 for AMED-Solver, 2 for AMED-Plugin)")
     p.add_argument("--sfd-M", type=int, default=3, help="SFD's teacher steps per student interval (the paper's 3)")
@@ -318,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     store = claims.out / "cells.json"
     results = merge_cells(store)
     cells = claims.cells(args.claims)
+    if args.nfe:
+        cells = [c for c in cells if c.nfe in args.nfe]
     if args.baselines_only or args.trained_only:
         cells = [c for c in cells if c.trained == args.trained_only]
     if args.train_only:
